@@ -1,0 +1,56 @@
+# hpcrun: `make demo` and `make test` work on a fresh Debian 12 machine as root.
+# Everything they need is installed here: Debian packages, then a venv (built on
+# Debian's /usr/bin/python3, so an unprivileged test user can run it) with
+# hpcrun installed editable.  See README.md.
+
+PYTHON   ?= /usr/bin/python3
+VENV     ?= .venv
+APT_PKGS  = squashfs-tools squashfuse fuse3 openmpi-bin libopenmpi-dev busybox-static \
+            charliecloud-runtime slurm-wlm slurmctld slurmd slurm-client munge libslurm-dev \
+            libpmix-dev python3-venv python3-dev gcc make util-linux lua5.3 file
+STAMP     = $(VENV)/.installed
+
+.PHONY: all deps venv test demo demo-slurm bench bench-quick plugins clean
+
+all: venv plugins
+
+deps: .deps-stamp
+.deps-stamp:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; for p in $(filter-out %-,$(APT_PKGS)); do \
+	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  fi; \
+	else echo "not root or no apt-get: assuming the Debian packages in the Makefile are installed"; fi
+	@touch $@
+
+venv: $(STAMP)
+$(STAMP): deps setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test,bench]' --config-settings editable_mode=compat
+	@touch $@
+
+plugins: deps
+	$(MAKE) -C plugins/slurm
+
+test: venv plugins
+	$(VENV)/bin/python -m pytest -q tests
+
+demo: venv
+	$(VENV)/bin/python tests/demo.py
+
+demo-slurm: venv plugins
+	$(VENV)/bin/python -m hpcrun.testbed.demo
+
+bench: venv
+	$(VENV)/bin/python benchmarks/run.py
+
+bench-quick: venv
+	$(VENV)/bin/python benchmarks/run.py --quick
+
+clean:
+	rm -rf $(VENV) .deps-stamp build *.egg-info
+	-$(MAKE) -C plugins/slurm clean

@@ -1,0 +1,160 @@
+"""hpcrun's command line: parse argv, dispatch, turn errors into one line.
+
+The main form `hpcrun [options] IMAGE COMMAND [ARGS...]` is the hot path (one
+per MPI rank), so this module parses by hand and imports nothing heavy.
+Subcommands live in hpcrun/cmd_<name>.py and are imported only when used.
+"""
+import os
+import sys
+
+from hpcrun import errors
+
+USAGE = """\
+usage: hpcrun [options] IMAGE COMMAND [ARGS...]
+       hpcrun exec [options] IMAGE COMMAND [ARGS...]
+       hpcrun run [options] IMAGE [ARGS...]        run the image's runscript
+       hpcrun shell [options] IMAGE                 an interactive shell inside
+       hpcrun inspect [--json] IMAGE                what an image holds
+       hpcrun check [IMAGE]                         will a launch work here?
+       hpcrun build OUT.img SPEC | --from SOURCE    make an image
+       hpcrun version
+
+options (before IMAGE):
+  -B, --bind SRC[:DST[:ro|rw]]   bind a host path (repeatable, comma lists; also HPCRUN_BIND)
+      --pwd DIR                  working directory inside (default: the current one)
+      --env NAME=VALUE           set a variable inside (repeatable; also HPCRUN_ENV_NAME=VALUE)
+      --env-file FILE            NAME=VALUE lines to set inside
+      --cleanenv                 pass only a minimal environment (launcher wiring kept)
+      --no-home                  do not bind $HOME
+      --mpi auto|hybrid|host|none  MPI library strategy (docs/mpi.md)
+      --nv                       make the host's NVIDIA driver visible (also HPCRUN_NV=1)
+      --dry-run                  print the launch plan as JSON and exit
+  -v, --verbose                  say what is done and why, with timings
+      --debug                    show tracebacks
+  -h, --help                     this text
+Exit codes: docs/exit-codes.md."""
+
+SUBCOMMANDS = ("exec", "run", "shell", "inspect", "check", "build", "version", "task-entry", "help")
+_WITH_VALUE = {"-B": "binds", "--bind": "binds", "--pwd": "pwd", "--env": "env", "--env-file": "env_files",
+               "--mpi": "mpi"}
+_FLAGS = {"--cleanenv": "cleanenv", "--no-home": "no_home", "--dry-run": "dry_run", "-v": "verbose",
+          "--verbose": "verbose", "--debug": "debug", "--nv": "nv"}
+
+
+class Options:
+    def __init__(self):
+        self.binds, self.env, self.env_files = [], [], []
+        self.pwd = self.mpi = self.image = None
+        self.cleanenv = self.no_home = self.dry_run = self.verbose = self.debug = self.nv = False
+        self.command = []
+        self.runscript = False
+
+
+def parse(argv, mode):
+    """argv after the subcommand -> Options.  mode: exec | run | shell."""
+    o = Options()
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            i += 1
+            break
+        if not a.startswith("-") or a == "-":
+            break
+        name, eq, value = a.partition("=")
+        if name in _WITH_VALUE:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise errors.Error(errors.USAGE, "option needs a value", name)
+                value = argv[i]
+            attr = _WITH_VALUE[name]
+            if attr == "binds":
+                o.binds.extend(s for s in value.split(",") if s)
+            elif attr == "env":
+                k, sep, v = value.partition("=")
+                from hpcrun import environment
+                if not sep or not environment.valid_name(k):
+                    raise errors.Error(errors.USAGE, "malformed --env, expected NAME=VALUE", value)
+                o.env.append((k, v))
+            elif attr == "env_files":
+                o.env_files.append(value)
+            elif attr == "mpi":
+                if value not in ("auto", "hybrid", "host", "none"):
+                    raise errors.Error(errors.USAGE, "--mpi must be auto, hybrid, host or none", value)
+                o.mpi = value
+            else:
+                setattr(o, attr, value)
+        elif a in _FLAGS:
+            setattr(o, _FLAGS[a], True)
+        elif a in ("-h", "--help"):
+            print(USAGE)
+            raise SystemExit(0)
+        elif a[:2] == "-B" and len(a) > 2:
+            o.binds.extend(s for s in a[2:].split(",") if s)
+        else:
+            raise errors.Error(errors.USAGE, "unknown option", a)
+        i += 1
+    if i >= len(argv):
+        raise errors.Error(errors.USAGE, "missing IMAGE (see hpcrun --help)")
+    o.image = argv[i]
+    o.command = argv[i + 1:]
+    if mode == "exec":
+        if not o.command:
+            raise errors.Error(errors.USAGE, "missing COMMAND after the image", o.image)
+        first = o.command[0]
+        if first in _WITH_VALUE or first in _FLAGS or first.split("=")[0] in _WITH_VALUE:
+            raise errors.Error(errors.USAGE, "hpcrun option after the image name; put options before IMAGE",
+                               first)
+    elif mode == "run":
+        o.runscript = True
+    elif mode == "shell":
+        o.command = o.command or ["/bin/sh"]
+    return o
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv[:argv.index("--")] if "--" in argv else "--debug" in argv
+    try:
+        if os.environ.get("HPCRUN_TASK_ARGV0") is not None and argv[:1] != ["task-entry"]:
+            return _sub("task-entry", argv)
+        if not argv or argv[0] in ("-h", "--help", "help"):
+            print(USAGE)
+            return 0 if argv else errors.USAGE
+        if argv[0] in ("version", "--version"):
+            from hpcrun import VERSION
+            print("hpcrun %s" % VERSION)
+            return 0
+        if argv[0] in ("exec", "run", "shell"):
+            mode, rest = argv[0], argv[1:]
+        elif argv[0] in SUBCOMMANDS:
+            return _sub(argv[0], argv[1:])
+        else:
+            mode, rest = "exec", argv
+        from hpcrun import launch
+        return launch.launch(parse(rest, mode))
+    except errors.Error as e:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        sys.stderr.write(e.line() + "\n")
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        sys.stderr.write("hpcrun: error: internal error: %s: %s (rerun with --debug)\n" % (type(e).__name__, e))
+        return errors.SOFTWARE
+
+
+def _sub(name, argv):
+    import importlib
+    try:
+        mod = importlib.import_module("hpcrun.cmd_" + name.replace("-", "_"))
+    except ImportError as e:
+        if e.name != "hpcrun.cmd_" + name.replace("-", "_"):
+            raise
+        raise errors.Error(errors.USAGE, "this hpcrun has no '%s' command" % name)
+    return mod.main(argv)

@@ -1,0 +1,78 @@
+"""hpcrun inspect [--json] IMAGE: what an image is, without mounting it.
+
+hpcrun images carry their metadata in the header, directories in
+/.hpcrun/image.json; for plain SquashFS and SIF files the metadata is inside
+the filesystem, and inspect says so instead of mounting.
+"""
+import argparse
+import json
+import sys
+
+from hpcrun import errors, image
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise errors.Error(errors.USAGE, message, self.prog)
+
+
+def describe(path):
+    img = image.open_image(path)
+    meta = img.meta()
+    d = {"path": img.path, "format": img.kind,
+         "size": img.st.st_size if img.kind != "dir" else None,
+         "payload": None if img.kind == "dir" else {"offset": img.offset, "size": img.size},
+         "sha256": img.digest, "labels": meta.get("labels") or {}, "runscript": meta.get("runscript"),
+         "env": meta.get("env") or [], "mpi": meta.get("mpi"), "build": meta.get("build")}
+    if img.kind in ("squashfs", "sif"):
+        d["note"] = "metadata of a %s image lives inside its filesystem; not read without mounting" % img.kind
+    return d
+
+
+def main(argv):
+    p = Parser(prog="hpcrun inspect", description="Show an image's format, digest and metadata.")
+    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    p.add_argument("image", metavar="IMAGE")
+    args = p.parse_args(argv)
+    d = describe(args.image)
+    if args.json:
+        json.dump(d, sys.stdout, indent=1, sort_keys=True)
+        sys.stdout.write("\n")
+        return 0
+    out = ["image:      %s" % d["path"], "format:     %s" % d["format"]]
+    if d["size"] is not None:
+        out.append("size:       %s (payload %d bytes at offset %d)" % (_human(d["size"]), d["payload"]["size"],
+                                                                        d["payload"]["offset"]))
+    if d["sha256"]:
+        out.append("sha256:     %s" % d["sha256"])
+    if d.get("note"):
+        out.append("note:       %s" % d["note"])
+    out.append("runscript:  %s" % (" ".join(d["runscript"]) if d["runscript"] else "(none)"))
+    if d["labels"]:
+        out.append("labels:")
+        out += ["  %s = %s" % kv for kv in sorted(d["labels"].items())]
+    if d["env"]:
+        out.append("environment:")
+        out += ["  %s=%s" % (k, v) for k, v in d["env"]]
+    m = d["mpi"]
+    if m:
+        out.append("MPI ABI:    %s %s (%s); programs: %s" % (m.get("flavor"), m.get("version", "?"),
+                                                        m.get("soname"), " ".join(m.get("programs", []))))
+    else:
+        out.append("MPI ABI:    (no MPI program recorded)")
+    b = d["build"]
+    if b:
+        out.append("built:      %s on %s with hpcrun %s%s" % (b.get("date"), b.get("host"), b.get("hpcrun_version"),
+                                                            ", from " + b["from"] if b.get("from") else ""))
+        if b.get("spec"):
+            out.append("spec:")
+            out += ["  | " + line for line in b["spec"].rstrip("\n").splitlines()]
+    print("\n".join(out))
+    return 0
+
+
+def _human(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
+        n /= 1024.0

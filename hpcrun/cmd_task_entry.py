@@ -1,0 +1,87 @@
+"""The hpcrun side of a Slurm task wrapped by the SPANK plugin.
+
+plugins/slurm/spank_hpcrun.c replaces a task's argv[0] with hpcrun's path just
+before Slurm execs it.  The argv array cannot grow, so hpcrun is started as
+``hpcrun ARG1 ARG2 ...`` (the task's original arguments) and the rest travels
+in the environment:
+
+    HPCRUN_TASK_ARGV0   the task's original argv[0] (its presence selects task mode)
+    HPCRUN_TASK_IMAGE   image path (relative: to the task's cwd, then SLURM_SUBMIT_DIR)
+    HPCRUN_TASK_BIND    comma list of SRC[:DST[:ro|rw]]  (--container-mounts, plugstack mounts=)
+    HPCRUN_TASK_PWD     working directory inside the image (--container-workdir)
+    HPCRUN_TASK_ENV     comma list of NAME or NAME=VALUE (--container-env)
+    HPCRUN_TASK_BATCH   "1" for the batch script (its spool directory is bound in)
+
+cli.main() calls main() with its own argv[1:] when HPCRUN_TASK_ARGV0 is set;
+``hpcrun task-entry ARGS...`` does the same by hand.  We rebuild the ordinary
+command line ``hpcrun [options] IMAGE ARGV0 ARGS...``, drop the HPCRUN_TASK_*
+variables (the program must not see them, and a nested hpcrun must not take
+itself for a task entry), and go down the normal launch path.
+"""
+import os
+import sys
+
+from hpcrun.errors import Error, USAGE
+
+TASK_VARS = ("HPCRUN_TASK_ARGV0", "HPCRUN_TASK_IMAGE", "HPCRUN_TASK_BIND", "HPCRUN_TASK_PWD",
+             "HPCRUN_TASK_ENV", "HPCRUN_TASK_BATCH")
+
+
+def is_task_entry(environ=None):
+    """True when the SPANK plugin started this hpcrun in place of a task."""
+    return bool((os.environ if environ is None else environ).get("HPCRUN_TASK_ARGV0"))
+
+
+def _split(value):
+    return [item for item in (value or "").split(",") if item]
+
+
+def resolve_image(image, environ, cwd):
+    """Relative paths mean the task's cwd, else the submit directory.
+
+    A path found in neither stays relative to the cwd, so hpcrun's
+    "image not found" error names the absolute path the user can check.
+    """
+    if os.path.isabs(image):
+        return image
+    here = os.path.join(cwd, image)
+    submit = environ.get("SLURM_SUBMIT_DIR")
+    if not os.path.exists(here) and submit and os.path.exists(os.path.join(submit, image)):
+        return os.path.join(submit, image)
+    return here
+
+
+def launch_argv(args, environ, cwd):
+    """The ordinary hpcrun command line for a task with original args `args`."""
+    argv0 = environ.get("HPCRUN_TASK_ARGV0")
+    image = environ.get("HPCRUN_TASK_IMAGE")
+    if not argv0 or not image:
+        raise Error(USAGE, "Slurm task entry without HPCRUN_TASK_ARGV0 and HPCRUN_TASK_IMAGE",
+                    "spank_hpcrun plugin")
+    opts = []
+    for bind in _split(environ.get("HPCRUN_TASK_BIND")):
+        opts += ["--bind", bind]
+    if environ.get("HPCRUN_TASK_BATCH") == "1" and os.path.isabs(argv0):
+        # The batch script lives in slurmd's spool directory, unknown to the image.
+        spool = os.path.dirname(argv0)
+        opts += ["--bind", "%s:%s:ro" % (spool, spool)]
+    if environ.get("HPCRUN_TASK_PWD"):
+        opts += ["--pwd", environ["HPCRUN_TASK_PWD"]]
+    for item in _split(environ.get("HPCRUN_TASK_ENV")):
+        if "=" in item:
+            opts += ["--env", item]
+        elif item in environ:
+            opts += ["--env", "%s=%s" % (item, environ[item])]
+    return opts + [resolve_image(image, environ, cwd), argv0] + list(args)
+
+
+def main(argv):
+    try:
+        cli_argv = launch_argv(argv, os.environ, os.getcwd())
+    except Error as e:
+        print(e.line(), file=sys.stderr)
+        return e.code
+    for name in TASK_VARS:
+        os.environ.pop(name, None)
+    from hpcrun import cli
+    return cli.main(cli_argv)

@@ -1,0 +1,1 @@
+"""Lists kept as data (library names, paths) that admins extend from the config."""

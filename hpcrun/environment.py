@@ -1,0 +1,150 @@
+"""The environment contract: what crosses from the host into the container.
+
+Order (later wins):
+  1. the host environment, minus DENY (variables that would make the image's
+     programs load host code: LD_PRELOAD, LD_LIBRARY_PATH, PYTHONPATH, ...);
+     with --cleanenv only KEEP_CLEAN and the launcher wiring (PMI, PMIx, Open MPI,
+     Slurm, PBS ...) survive, because a rank without them cannot find its peers.
+  2. PATH reset to the image's default, PYTHONNOUSERSITE=1 (the host's
+     ~/.local is visible through $HOME and would shadow the image's modules).
+  3. the image's /.hpcrun/env
+  4. /.hpcrun/launch.env, written by the node's keeper (host MPI / GPU library paths)
+  5. HPCRUN_ENV_<NAME> variables, --env-file files, --env options.
+Steps 1, 2 and 5 are computed on the host (and shown by --dry-run); 3 and 4
+are read inside the container, just before exec.
+"""
+import os
+
+DENY = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "LD_DEBUG", "PYTHONPATH", "PYTHONHOME",
+        "PYTHONUSERBASE", "PYTHONSTARTUP", "PYTHONEXECUTABLE", "PERL5LIB", "PERLLIB", "RUBYLIB",
+        "LUA_PATH", "LUA_CPATH", "R_LIBS", "R_LIBS_USER", "CLASSPATH", "BASH_ENV", "ENV",
+        "MODULEPATH", "LOADEDMODULES", "_LMFILES_", "MODULESHOME", "LMOD_CMD", "PKG_CONFIG_PATH",
+        "CPATH", "LIBRARY_PATH", "MANPATH", "INFOPATH", "CONDA_PREFIX", "VIRTUAL_ENV")
+DENY_PREFIXES = ("BASH_FUNC_", "__LMOD", "_ModuleTable", "HPCRUN_ENV_", "HPCRUN_TASK_")
+KEEP_CLEAN = ("HOME", "USER", "LOGNAME", "TERM", "LANG", "TZ", "DISPLAY", "SHELL", "HOSTNAME",
+              "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+# The launcher wiring that must survive --cleanenv (hpcrun.mpi has the full list).
+WIRING_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "ORTE_", "OPAL_", "PRTE_", "SLURM_", "SLURMD_", "SRUN_",
+                   "PBS_", "MPI_LOCAL", "HYDRA_", "I_MPI_", "MPICH_", "UCX_", "FI_", "NCCL_",
+                   "CUDA_", "NVIDIA_", "ROCR_", "HIP_", "LC_")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def host_part(environ, cleanenv, extra_env, env_files):
+    """Steps 1, 2 and 5: returns (env dict, dropped names, user settings list)."""
+    env, dropped = {}, []
+    for k, v in environ.items():
+        if k in DENY or k.startswith(DENY_PREFIXES):
+            if not k.startswith(("HPCRUN_ENV_", "HPCRUN_TASK_")):
+                dropped.append(k)
+            continue
+        if cleanenv and not (k in KEEP_CLEAN or k.startswith(WIRING_PREFIXES)):
+            dropped.append(k)
+            continue
+        if k == "PATH":
+            dropped.append(k)
+            continue
+        env[k] = v
+    env["PATH"] = DEFAULT_PATH
+    env["PYTHONNOUSERSITE"] = "1"
+    user = []
+    for k, v in environ.items():
+        if k.startswith("HPCRUN_ENV_") and len(k) > 11:
+            user.append((k[11:], v))
+    for path in env_files:
+        user.extend(read_env_file(path))
+    user.extend(extra_env)
+    return env, sorted(dropped), user
+
+
+def read_env_file(path):
+    """NAME=VALUE lines, '#' comments, optional 'export ' and quotes."""
+    from hpcrun import errors
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise errors.Error(errors.NOINPUT, "env file not readable: %s" % e.strerror, path)
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        name, sep, value = line.partition("=")
+        if not sep or not valid_name(name):
+            raise errors.Error(errors.USAGE, "bad line %d in env file: expected NAME=VALUE" % n, path)
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out.append((name, value))
+    return out
+
+
+def valid_name(name):
+    return bool(name) and (name[0].isalpha() or name[0] == "_") and all(c.isalnum() or c == "_" for c in name)
+
+
+def expand(value, env):
+    """$NAME and ${NAME} against env (unset expands to ''), like a shell would."""
+    if "$" not in value:
+        return value
+    out, i, n = [], 0, len(value)
+    while i < n:
+        c = value[i]
+        if c != "$" or i + 1 >= n:
+            out.append(c)
+            i += 1
+            continue
+        if value[i + 1] == "{":
+            j = value.find("}", i + 2)
+            if j < 0:
+                out.append(value[i:])
+                break
+            out.append(env.get(value[i + 2:j], ""))
+            i = j + 1
+            continue
+        j = i + 1
+        while j < n and (value[j].isalnum() or value[j] == "_"):
+            j += 1
+        if j == i + 1:
+            out.append(c)
+            i += 1
+            continue
+        out.append(env.get(value[i + 1:j], ""))
+        i = j
+    return "".join(out)
+
+
+def apply_file(env, path):
+    """Apply a NAME=VALUE file from inside the container (steps 3 and 4), if present."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        name, sep, value = line.partition("=")
+        if sep and valid_name(name):
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            env[name] = expand(value, env)
+    if env.get("LD_LIBRARY_PATH", None) == "":
+        del env["LD_LIBRARY_PATH"]
+
+
+def final(plan):
+    """Inside the container, just before exec: the complete environment."""
+    env = dict(plan["env"]["base"])
+    apply_file(env, "/.hpcrun/env")
+    apply_file(env, "/.hpcrun/launch.env")
+    for k, v in plan["env"]["user"]:
+        env[k] = expand(v, env)
+    if "LD_LIBRARY_PATH" in env:
+        env["LD_LIBRARY_PATH"] = env["LD_LIBRARY_PATH"].strip(":")
+    return env

@@ -1,0 +1,114 @@
+"""Open IMAGE and validate it before anything is mounted.
+
+Four kinds are accepted, told apart by content, not by name:
+  hpcrun   our single file (imagefile.py): SquashFS payload at a page offset
+  squashfs a plain SquashFS file (offset 0)
+  sif      an Apptainer/Singularity SIF: its primary SquashFS partition, in place
+  dir      a directory holding a root filesystem (a "sandbox")
+Every check here runs as the calling user: an image the user cannot read is
+an error even when the node could mount it.
+"""
+import os
+import stat
+import struct
+
+from hpcrun import errors, imagefile, sif
+
+_SUPER = struct.Struct("<4sIIIIHHHHHHQQ")   # SquashFS superblock, first 56 bytes
+
+
+class Image:
+    __slots__ = ("path", "kind", "offset", "size", "ident", "digest", "meta_raw", "st")
+
+    def describe(self):
+        d = {"path": self.path, "kind": self.kind, "ident": self.ident}
+        if self.kind != "dir":
+            d.update(offset=self.offset, size=self.size)
+        if self.digest:
+            d["sha256"] = self.digest
+        return d
+
+    def meta(self):
+        """Build metadata without mounting: the header copy (hpcrun images) or
+        the sandbox's /.hpcrun/image.json; {} where it needs a mount."""
+        import json
+        if self.kind == "hpcrun":
+            try:
+                return json.loads(self.meta_raw or b"{}")
+            except ValueError:
+                return {}
+        if self.kind == "dir":
+            try:
+                with open(os.path.join(self.path, ".hpcrun/image.json")) as f:
+                    return json.load(f)
+            except (OSError, ValueError):
+                return {}
+        return {}
+
+
+def open_image(path):
+    img = Image()
+    img.path = os.path.abspath(path)
+    img.digest = None
+    img.meta_raw = None
+    try:
+        st = os.stat(img.path)
+    except FileNotFoundError:
+        raise errors.Error(errors.NOINPUT, "image not found", path)
+    except PermissionError:
+        raise errors.Error(errors.NOINPUT, "image not readable", path)
+    except OSError as e:
+        raise errors.Error(errors.NOINPUT, "image not accessible: %s" % e.strerror, path)
+    img.st = st
+    if stat.S_ISDIR(st.st_mode):
+        if not os.access(img.path, os.R_OK | os.X_OK):
+            raise errors.Error(errors.NOINPUT, "image directory not readable", path)
+        if not os.path.isdir(os.path.join(img.path, "bin")) and not os.path.isdir(os.path.join(img.path, "usr")):
+            raise errors.Error(errors.DATA, "directory does not look like a root filesystem (no bin/ or usr/)", path)
+        img.kind, img.offset, img.size = "dir", 0, 0
+        img.ident = "dir:%d:%d" % (st.st_dev, st.st_ino)
+        return img
+    if not stat.S_ISREG(st.st_mode):
+        raise errors.Error(errors.DATA, "not an image: not a regular file or directory", path)
+    try:
+        fd = os.open(img.path, os.O_RDONLY | os.O_CLOEXEC)
+    except PermissionError:
+        raise errors.Error(errors.NOINPUT, "image not readable", path)
+    except OSError as e:
+        raise errors.Error(errors.NOINPUT, "image not readable: %s" % e.strerror, path)
+    try:
+        first = os.pread(fd, 256, 0)
+        if imagefile.is_hpcrun_image(first):
+            h = imagefile.read_header(path, fd, st.st_size)
+            img.kind, img.offset, img.size = "hpcrun", h.offset, h.size
+            img.digest, img.meta_raw = h.sha256, h.meta_raw
+            img.ident = "sha256:" + h.sha256
+        elif sif.is_sif(first):
+            img.kind = "sif"
+            img.offset, img.size = sif.primary_partition(path, fd, st.st_size)
+        elif first[:4] == imagefile.SQUASHFS_MAGIC:
+            img.kind, img.offset, img.size = "squashfs", 0, st.st_size
+        elif len(first) == 0:
+            raise errors.Error(errors.DATA, "not an image: empty file", path)
+        else:
+            raise errors.Error(errors.DATA, "not an image: unknown format", path)
+        _check_superblock(path, os.pread(fd, _SUPER.size, img.offset), img.size)
+    finally:
+        os.close(fd)
+    if img.kind != "hpcrun":
+        img.ident = "%s:%d:%d:%d:%d" % (img.kind, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return img
+
+
+def _check_superblock(path, raw, size):
+    """A truncated SquashFS must be refused here: the kernel would log I/O
+    errors and squashfuse would fail late with EIO."""
+    if len(raw) < _SUPER.size:
+        raise errors.Error(errors.DATA, "truncated image: SquashFS superblock incomplete", path)
+    f = _SUPER.unpack(raw)
+    block_size, major, bytes_used = f[3], f[9], f[12]
+    if major != 4 or block_size < 4096 or block_size > (1 << 20):
+        raise errors.Error(errors.DATA, "corrupt image: bad SquashFS superblock", path)
+    if bytes_used > size:
+        raise errors.Error(errors.DATA, "truncated image: SquashFS needs %d bytes, %d present"
+                           % (bytes_used, size), path)

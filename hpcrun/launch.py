@@ -1,0 +1,125 @@
+"""One launch, as a straight line: argv -> image -> plan -> namespace -> exec.
+
+Nothing forks here except, once per node, the keeper (namespace.py).  The
+process that the MPI launcher or srun started becomes the program: same PID,
+same inherited descriptors (PMI_FD ...), its signals and exit status are the
+program's own.
+"""
+import os
+import signal
+import sys
+import time
+
+from hpcrun import config, environment, errors, image, namespace, plan as plan_mod
+
+
+def launch(opts):
+    t0 = time.perf_counter()
+    timing = []
+    cfg = config.load()
+    img = image.open_image(opts.image)                       # validated, nothing mounted yet
+    plan = plan_mod.build(opts, img, cfg, os.environ)        # plain data
+    if opts.dry_run:
+        return dry_run(plan, img)
+    if opts.runscript:
+        import json  # noqa: F401  (needed inside, where Python's library is gone)
+    t1 = time.perf_counter()
+    namespace.join(plan, cfg, timing)                        # now inside the node's container
+    t2 = time.perf_counter()
+    env = environment.final(plan)
+    argv = command(plan, env)
+    cwd = enter_cwd(plan, env, opts)
+    if opts.verbose:
+        sys.stderr.write("hpcrun: %s image %s, container %s%s; plan %.1f ms, join %.1f ms; exec %s in %s\n" % (
+            img.kind, img.path, plan["key"], " (new)" if timing else " (joined)",
+            (t1 - t0) * 1e3, (t2 - t1) * 1e3, argv[0], cwd))
+    exec_in_place(argv, env)
+
+
+def dry_run(plan, img):
+    import json
+    out = dict(plan)
+    out["image_meta"] = img.meta()
+    from hpcrun import stage
+    out["stage"] = {"strategy": stage.strategy(plan)}
+    env = out.pop("env")
+    out["env"] = {"set": env["base"], "user": dict(env["user"]), "dropped": env["dropped"],
+                  "then_inside": ["/.hpcrun/env", "/.hpcrun/launch.env"]}
+    json.dump(out, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+    return 0
+
+
+def command(plan, env):
+    """The argv to exec, with argv[0] resolved inside the container."""
+    argv = list(plan["argv"])
+    if plan["runscript"]:
+        if os.access("/.hpcrun/runscript", os.X_OK):
+            argv = ["/.hpcrun/runscript"] + argv
+        else:
+            import json
+            try:
+                with open("/.hpcrun/image.json") as f:
+                    rs = json.load(f).get("runscript")
+            except (OSError, ValueError):
+                rs = None
+            if not rs:
+                raise errors.Error(errors.NOTFOUND, "image has no runscript", plan["image"]["path"])
+            argv = (rs if isinstance(rs, list) else [rs]) + argv
+    name = argv[0]
+    argv[0] = find_command(name, env.get("PATH", environment.DEFAULT_PATH))
+    return argv
+
+
+def find_command(name, path):
+    if "/" in name:
+        candidates = [name]
+    else:
+        candidates = [os.path.join(d or ".", name) for d in path.split(":")]
+    found_not_exec = None
+    for c in candidates:
+        try:
+            st = os.stat(c)
+        except OSError:
+            continue
+        if os.path.isdir(c):
+            found_not_exec = found_not_exec or c
+            continue
+        if os.access(c, os.X_OK):
+            return c
+        found_not_exec = found_not_exec or c
+    if found_not_exec:
+        raise errors.Error(errors.NOTEXEC, "command not executable in the image", found_not_exec)
+    raise errors.Error(errors.NOTFOUND, "command not found in the image", name)
+
+
+def enter_cwd(plan, env, opts):
+    for d in (plan["cwd"], env.get("HOME"), "/"):
+        if not d:
+            continue
+        try:
+            os.chdir(d)
+            if d != plan["cwd"] and opts.pwd:
+                raise errors.Error(errors.NOINPUT, "working directory not found in the container", opts.pwd)
+            env["PWD"] = d
+            return d
+        except OSError:
+            if opts.pwd:
+                raise errors.Error(errors.NOINPUT, "working directory not found in the container", opts.pwd)
+    return "/"
+
+
+def exec_in_place(argv, env):
+    from hpcrun import linux
+    # Python ignores SIGPIPE and SIGXFSZ; ignored signals survive execve, so
+    # give the program the default dispositions it would have had natively.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    linux.no_new_privs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(argv[0], argv, env)
+    except OSError as e:
+        code = errors.NOTEXEC if e.errno in (13, 8) else errors.NOTFOUND
+        raise errors.Error(code, "cannot execute: %s" % e.strerror, argv[0])

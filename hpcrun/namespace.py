@@ -1,0 +1,275 @@
+"""One container per node: the keeper, and how every rank joins it.
+
+Ranks of a job step on a node must share one user namespace (else Open MPI
+loses its single-copy CMA path: "not available due to different user
+namespaces") and should share one mount (else N ranks make N mounts).  So:
+
+  join(plan):
+    lock  run_dir/<key>.lock  shared            (many ranks join at once)
+    if run_dir/<key>.pid names a live keeper:  setns() into its namespaces
+    else: relock exclusive, re-check, fork a keeper, wait until it is ready,
+          then setns() into its namespaces
+    unlock; return inside the container (root and cwd at its /)
+
+  keeper (double-forked, setsid, so the rank that started it can exec and
+  exit without taking it along, and never sees it as a child):
+    unshare(user+mount) (mount only as root), map uid/gid to themselves,
+    mount the image (stage.py), overlay a tmpfs for mount points, write
+    passwd/group, make the binds, remount the root read-only, pivot_root,
+    write its record, tell the creator "ready", then wait; every second it
+    looks for processes in its mount namespace, and once none has been seen
+    for `linger` seconds it takes the lock exclusively (no join can be half
+    done then), removes its record and exits; its mounts go with it.
+
+A keeper that dies (killed) leaves a record naming a dead PID: the next rank
+sees that (PID and start time both checked) and starts a new one.  A rank that
+dies mid-join holds nothing but a lock fd, which the kernel releases.
+"""
+import fcntl
+import os
+import signal
+import time
+
+from hpcrun import errors
+
+NS_FILES = ("user", "mnt")
+
+
+# ------------------------------------------------------------------ join ---
+
+def run_dir_path(cfg, uid):
+    return cfg.get("run_dir", "/tmp/hpcrun-%u").replace("%u", str(uid))
+
+
+def open_run_dir(path, uid):
+    """Our node-local state directory; refuse one another user could tamper with."""
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            parent = os.path.dirname(path)
+            if not os.path.isdir(parent):
+                os.makedirs(parent, 0o755, exist_ok=True)
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                pass
+            continue
+        except OSError as e:
+            raise errors.Error(errors.OSERR, "cannot open hpcrun's run directory: %s" % e.strerror, path)
+        st = os.fstat(fd)
+        if st.st_uid != uid or st.st_mode & 0o022:
+            os.close(fd)
+            raise errors.Error(errors.NOPERM, "run directory is not private to this user "
+                               "(owner %d, mode %o)" % (st.st_uid, st.st_mode & 0o7777), path)
+        return fd
+    raise errors.Error(errors.OSERR, "cannot create hpcrun's run directory", path)
+
+
+def _lock(dir_fd, name, mode):
+    """flock a lock file that may be unlinked by a departing keeper: retry
+    until the file we locked is the one the name points to."""
+    while True:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        fcntl.flock(fd, mode)
+        try:
+            if os.stat(name, dir_fd=dir_fd).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _keeper_pid(dir_fd, key):
+    """The live keeper's PID from its record, or None."""
+    try:
+        fd = os.open(key + ".pid", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    try:
+        data = os.read(fd, 128).split()
+    finally:
+        os.close(fd)
+    if len(data) != 2:
+        return None
+    pid, start = int(data[0]), data[1]
+    if _start_time(pid) != start:
+        return None           # dead, or its PID was reused
+    return pid
+
+
+def _start_time(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(b")") + 2:].split()[19]
+
+
+def join(plan, cfg, timing):
+    from hpcrun import linux
+    uid = plan["uid"]
+    run_dir = run_dir_path(cfg, uid)
+    dir_fd = open_run_dir(run_dir, uid)
+    key = plan["key"]
+    lock = _lock(dir_fd, key + ".lock", fcntl.LOCK_SH)
+    try:
+        pid = _keeper_pid(dir_fd, key)
+        if pid is None:
+            os.close(lock)
+            lock = _lock(dir_fd, key + ".lock", fcntl.LOCK_EX)
+            pid = _keeper_pid(dir_fd, key)
+            if pid is None:
+                pid = _start_keeper(plan, cfg, dir_fd, run_dir)
+                timing.append(("keeper", None))
+        fds = [os.open("/proc/%d/ns/%s" % (pid, ns), os.O_RDONLY | os.O_CLOEXEC) for ns in NS_FILES]
+        try:
+            if plan["userns"]:
+                linux.setns(fds[0], linux.CLONE_NEWUSER)
+            linux.setns(fds[1], linux.CLONE_NEWNS)
+        except OSError as e:
+            raise errors.Error(errors.OSERR, "cannot join the node's container: %s" % e.strerror, "pid %d" % pid)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    finally:
+        os.close(lock)
+        os.close(dir_fd)
+
+
+# ---------------------------------------------------------------- keeper ---
+
+def _start_keeper(plan, cfg, dir_fd, run_dir):
+    """Fork the keeper (double fork) and wait for 'ready' or its error."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # intermediate child
+        try:
+            os.close(r)
+            os.setsid()
+            if os.fork() == 0:                     # the keeper
+                _keeper_main(plan, cfg, dir_fd, run_dir, w)
+        except BaseException:
+            pass
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    msg = b""
+    while True:
+        chunk = os.read(r, 4096)
+        if not chunk:
+            break
+        msg += chunk
+    os.close(r)
+    if msg.startswith(b"ready "):
+        return int(msg.split()[1])
+    if msg.startswith(b"error "):
+        _, code, text = msg.decode(errors="replace").split(" ", 2)
+        what, _, subject = text.partition("\0")
+        raise errors.Error(int(code), what, subject or None)
+    raise errors.Error(errors.OSERR, "the node's container keeper failed to start", run_dir)
+
+
+def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w):
+    """Runs in the keeper process; never returns."""
+    code = 0
+    st = None
+    try:
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_IGN if sig != signal.SIGTERM else signal.SIG_DFL)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        with open("/proc/self/comm", "w") as f:
+            f.write("hpcrun-keeper")
+        # Everything the keeper will ever import must be imported now: after
+        # pivot_root its / is the image, without this Python's library.
+        from hpcrun import rootfs, stage  # noqa: F401
+        st = rootfs.build(plan, cfg, dir_fd, run_dir)
+        record = "%d %s\n" % (os.getpid(), _start_time(os.getpid()).decode())
+        tmp = plan["key"] + ".pid.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        os.write(fd, record.encode())
+        os.close(fd)
+        os.rename(tmp, plan["key"] + ".pid", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.write(ready_w, b"ready %d" % os.getpid())
+        os.close(ready_w)
+        ready_w = None
+        _wait_for_last_user(plan, cfg, dir_fd, st)
+    except errors.Error as e:
+        code = 1
+        if ready_w is not None:
+            os.write(ready_w, ("error %d %s\0%s" % (e.code, e.what, e.subject or "")).encode())
+    except BaseException as e:  # report anything, never leave the creator waiting
+        code = 1
+        if ready_w is not None:
+            os.write(ready_w, ("error %d keeper failed: %s\0" % (errors.OSERR, e)).encode())
+    finally:
+        if st is not None:
+            stage.release(st.stage, dir_fd)
+        _remove(dir_fd, plan["key"] + ".d", rmdir=True)
+        os._exit(code)
+
+
+def _users_inside(me, skip):
+    """PIDs other than ours and our helpers whose mount namespace is ours."""
+    try:
+        mine = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return True
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        if pid == me or pid in skip:
+            continue
+        try:
+            if os.readlink("/proc/%s/ns/mnt" % name) == mine:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _wait_for_last_user(plan, cfg, dir_fd, st):
+    linger = float(os.environ.get("HPCRUN_LINGER") or cfg.get("linger", "10"))
+    me = os.getpid()
+    skip = {p.pid for p in st.stage.children}
+    idle_since = time.monotonic()
+    while True:
+        time.sleep(0.2 if linger < 2 else 1.0)
+        if _users_inside(me, skip):
+            idle_since = time.monotonic()
+            continue
+        if time.monotonic() - idle_since < linger:
+            continue
+        lock = None
+        try:
+            lock = os.open(plan["key"] + ".lock", os.O_RDWR | os.O_CLOEXEC, dir_fd=dir_fd)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if lock is not None:
+                os.close(lock)
+            continue                     # a rank is joining right now
+        try:
+            if _users_inside(me, skip):
+                idle_since = time.monotonic()
+                continue
+            _remove(dir_fd, plan["key"] + ".pid")
+            _remove(dir_fd, plan["key"] + ".lock")
+            return
+        finally:
+            os.close(lock)
+
+
+def _remove(dir_fd, name, rmdir=False):
+    try:
+        if rmdir:
+            os.rmdir(name, dir_fd=dir_fd)
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass

@@ -1,0 +1,197 @@
+"""Turn the command line, the image and the site config into a launch plan.
+
+The plan is plain data (dicts, lists, strings): `hpcrun --dry-run` prints it,
+the node's keeper builds the container from it, and every rank computes the
+same `key` from it, which is how ranks of one job step on a node find the one
+container they share.  Nothing here mounts or changes anything.
+"""
+import os
+import pwd
+import stat
+
+from hpcrun import environment, errors
+
+# Never bind the current directory over these: it would hide the image's own system.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/boot",
+               "/dev", "/proc", "/sys", "/run", "/var/lib", "/var/run", "/opt")
+HOST_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/localtime")
+
+
+def parse_bind(spec, why):
+    """SRC[:DST[:ro|rw]] -> bind dict (host side checks happen in add_bind)."""
+    parts = spec.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise errors.Error(errors.USAGE, "malformed bind spec, expected SRC[:DST[:ro|rw]]", spec)
+    src = parts[0]
+    dst = parts[1] if len(parts) > 1 and parts[1] else src
+    mode = parts[2] if len(parts) > 2 else "rw"
+    if len(parts) == 2 and parts[1] in ("ro", "rw"):
+        dst, mode = src, parts[1]
+    if mode not in ("ro", "rw"):
+        raise errors.Error(errors.USAGE, "malformed bind spec: mode must be ro or rw", spec)
+    if not dst.startswith("/"):
+        raise errors.Error(errors.USAGE, "malformed bind spec: destination must be absolute", spec)
+    return {"src": src, "dst": dst, "ro": mode == "ro", "why": why}
+
+
+def normalize_dst(dst, spec):
+    """Lexically normalise a destination; '..' above the image root is an escape."""
+    parts = []
+    for p in dst.split("/"):
+        if p in ("", "."):
+            continue
+        if p == "..":
+            if not parts:
+                raise errors.Error(errors.NOPERM, "bind destination escapes the image root", spec)
+            parts.pop()
+        else:
+            parts.append(p)
+    return "/" + "/".join(parts)
+
+
+def split_binds(values):
+    out = []
+    for v in values:
+        out.extend(s.strip() for s in v.split(",") if s.strip())
+    return out
+
+
+class Binds:
+    """The ordered bind list; a later bind of the same destination replaces the earlier."""
+
+    def __init__(self, forbidden):
+        self.items = []
+        self.forbidden = [os.path.realpath(f) for f in forbidden]
+
+    def add(self, b, check=True, required=True):
+        spec = "%s:%s" % (b["src"], b["dst"])
+        b["dst"] = normalize_dst(b["dst"], spec)
+        src = os.path.abspath(b["src"])
+        try:
+            st = os.stat(src)       # as the calling user: an unreadable source fails here
+        except FileNotFoundError:
+            if not required:
+                return
+            raise errors.Error(errors.NOINPUT, "bind source not found", b["src"])
+        except OSError as e:
+            if not required:
+                return
+            raise errors.Error(errors.NOINPUT, "bind source not accessible: %s" % e.strerror, b["src"])
+        real = os.path.realpath(src)
+        if check:
+            for f in self.forbidden:
+                if real == f or real.startswith(f.rstrip("/") + "/") or f == "/":
+                    raise errors.Error(errors.NOPERM, "bind source forbidden by the site configuration", b["src"])
+            if not os.access(real, os.R_OK):
+                raise errors.Error(errors.NOINPUT, "bind source not readable", b["src"])
+        b["src"] = real
+        b["dir"] = stat.S_ISDIR(st.st_mode)
+        self.items = [x for x in self.items if x["dst"] != b["dst"]]
+        self.items.append(b)
+
+
+def build(opts, img, cfg, environ):
+    uid, gid = os.getuid(), os.getgid()
+    userns = uid != 0
+    user = _user(uid, environ)
+    home = environ.get("HOME") or user["home"]
+    binds = Binds(cfg.getlist("forbid_bind"))
+
+    if cfg.getbool("default_binds", True):
+        for path in ("/dev", "/proc", "/sys"):
+            binds.add({"src": path, "dst": path, "ro": False, "why": "default", "rec": True}, check=False)
+        for path in ("/tmp", "/var/tmp"):
+            binds.add({"src": path, "dst": path, "ro": False, "why": "default"}, check=False, required=False)
+        for path in HOST_FILES:
+            binds.add({"src": path, "dst": path, "ro": True, "why": "default"}, check=False, required=False)
+        if not opts.no_home and home and home != "/" and os.path.isdir(home):
+            binds.add({"src": home, "dst": home, "ro": False, "why": "home"}, check=False)
+    for spec in cfg.getlist("bind"):
+        binds.add(parse_bind(spec, "site"), check=False, required=False)
+
+    mpi_mode = opts.mpi or cfg.get("mpi", "auto")
+    if mpi_mode != "none":
+        from hpcrun import mpi
+        for b in mpi.host_binds(environ, cfg):
+            binds.add(b, check=False, required=False)
+
+    user_specs = split_binds([environ["HPCRUN_BIND"]] if environ.get("HPCRUN_BIND") else []) + opts.binds
+    if user_specs and not cfg.getbool("allow_user_binds", True):
+        raise errors.Error(errors.NOPERM, "user binds are disabled by the site configuration", user_specs[0])
+    for spec in user_specs:
+        binds.add(parse_bind(spec, "user"))
+
+    cwd = _cwd(environ)
+    if cwd and not _under_any(cwd, binds.items) and not _system_dir(cwd):
+        binds.add({"src": cwd, "dst": cwd, "ro": False, "why": "cwd"}, check=False, required=False)
+    pwd_inside = opts.pwd or cwd or "/"
+
+    base, dropped, user_env = environment.host_part(environ, opts.cleanenv, opts.env, opts.env_files)
+    base["HPCRUN_CONTAINER"] = img.path
+    base.setdefault("HOME", home)
+
+    nv = opts.nv or cfg.getbool("nv", False) or environ.get("HPCRUN_NV", "") not in ("", "0")
+    plan = {
+        "image": img.describe(),
+        "image_meta": None,
+        "uid": uid, "gid": gid, "userns": userns,
+        "user": user,
+        "mount_strategy": cfg.get("mount_strategy", "auto"),
+        "writable_layer": cfg.get("writable_layer", "overlay"),
+        "mpi": mpi_mode,
+        "nv": nv,
+        "binds": sorted(binds.items, key=lambda b: b["dst"].count("/")),
+        "ld_library_path_prepend": [],
+        "argv": list(opts.command),
+        "runscript": opts.runscript,
+        "cwd": pwd_inside,
+        "env": {"base": base, "dropped": dropped, "user": user_env},
+    }
+    plan["key"] = key(plan)
+    return plan
+
+
+def key(plan):
+    """Ranks with equal keys on a node share one container; anything that
+    changes what the container holds must be part of it."""
+    parts = repr((plan["uid"], plan["gid"], plan["image"]["ident"], plan["image"]["path"],
+                  plan["mount_strategy"], plan["writable_layer"], plan["mpi"], plan["nv"],
+                  [(b["src"], b["dst"], b["ro"]) for b in plan["binds"]])).encode()
+    try:
+        from _sha256 import sha256
+    except ImportError:
+        from hashlib import sha256
+    return sha256(parts).hexdigest()[:24]
+
+
+def _user(uid, environ):
+    try:
+        pw = pwd.getpwuid(uid)
+        return {"name": pw.pw_name, "uid": uid, "gid": pw.pw_gid, "gecos": pw.pw_gecos,
+                "home": pw.pw_dir, "shell": pw.pw_shell}
+    except KeyError:
+        name = environ.get("USER") or "user%d" % uid
+        return {"name": name, "uid": uid, "gid": os.getgid(), "gecos": "", "home": environ.get("HOME", "/"),
+                "shell": "/bin/sh"}
+
+
+def _cwd(environ):
+    """The real current directory: bound at its real path, so `cd ~/link` works too."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
+
+
+def _under_any(path, binds):
+    for b in binds:
+        d = b["dst"].rstrip("/") or "/"
+        if d != "/" and b.get("dir", True) and (path == d or path.startswith(d + "/")):
+            return True
+    return False
+
+
+def _system_dir(path):
+    if path == "/":
+        return True
+    return any(path == d or path.startswith(d + "/") for d in SYSTEM_DIRS)

@@ -1,0 +1,61 @@
+"""Read the descriptor table of a Singularity/Apptainer SIF file.
+
+We use the primary system partition (a SquashFS) in place, at its offset;
+nothing else in the file (signatures, deffile, OCI blobs) is needed to run.
+Layout from apptainer/sif v2 (pkg/sif): a fixed little-endian header, then
+DescriptorsTotal descriptors of 585 bytes each.
+"""
+import os
+import struct
+
+from hpcrun import errors
+
+MAGIC = b"SIF_MAGIC\0"
+_HEADER = struct.Struct("<32s10s3s3s16s8q")
+_DESCR = struct.Struct("<iBIIIqqqqqqq128s384s")
+_PARTITION = struct.Struct("<ii3s")
+
+DATA_PARTITION = 0x4004
+FS_SQUASH = 1
+PART_PRIMSYS = 2
+FS_NAMES = {1: "squashfs", 2: "ext3", 3: "immutable object", 4: "raw", 5: "encrypted squashfs"}
+
+
+def is_sif(first_bytes):
+    return first_bytes[32:42] == MAGIC
+
+
+def primary_partition(path, fd, file_size):
+    """Return (offset, size) of the primary SquashFS system partition."""
+    head = os.pread(fd, _HEADER.size, 0)
+    if len(head) < _HEADER.size:
+        raise errors.Error(errors.DATA, "truncated SIF header", path)
+    fields = _HEADER.unpack(head)
+    version = fields[2].rstrip(b"\0")
+    if version not in (b"01",):
+        raise errors.Error(errors.DATA, "unsupported SIF version %s" % version.decode("ascii", "replace"), path)
+    total, descr_off, descr_size = fields[8], fields[9], fields[10]
+    if total < 0 or total > 100000 or descr_off < 0 or descr_off + total * _DESCR.size > file_size:
+        raise errors.Error(errors.DATA, "corrupt SIF descriptor table", path)
+    table = os.pread(fd, total * _DESCR.size, descr_off)
+    found = []
+    for i in range(total):
+        d = _DESCR.unpack_from(table, i * _DESCR.size)
+        dtype, used, offset, size, extra = d[0], d[1], d[5], d[6], d[13]
+        if not used or dtype != DATA_PARTITION:
+            continue
+        fstype, parttype, _arch = _PARTITION.unpack_from(extra)
+        if parttype == PART_PRIMSYS:
+            found.append((fstype, offset, size))
+    if not found:
+        raise errors.Error(errors.DATA, "SIF file has no primary system partition (nothing to run)", path)
+    fstype, offset, size = found[0]
+    if fstype != FS_SQUASH:
+        raise errors.Error(errors.DATA, "SIF primary partition is %s, only squashfs is supported"
+                           % FS_NAMES.get(fstype, "type %d" % fstype), path)
+    if offset <= 0 or size <= 0 or offset + size > file_size:
+        raise errors.Error(errors.DATA, "truncated SIF: partition ends at byte %d, file has %d"
+                           % (offset + size, file_size), path)
+    if os.pread(fd, 4, offset) != b"hsqs":
+        raise errors.Error(errors.DATA, "corrupt SIF: no SquashFS at partition offset %d" % offset, path)
+    return offset, size

@@ -1,0 +1,211 @@
+"""Make the image's root filesystem appear at a directory, inside the keeper.
+
+Strategies (config `mount_strategy`, docs/staging.md has the measurements):
+  kernel   root only: a loop device at the payload's offset, read-only, nosuid, nodev.
+  fuse     squashfuse inside the user namespace.  Debian 12's squashfuse
+           (0.1.104/0.1.105) has no `-o offset=`, so an image whose SquashFS
+           does not start at byte 0 (hpcrun images, SIF) is first staged:
+           its payload is copied once per node into run_dir/stage/ (a
+           copy_file_range, no decompression) and shared by every container
+           using that image; the last one to leave deletes it.
+  extract  unsquashfs into run_dir (sites without FUSE); slow for big images.
+  auto     kernel as root, fuse otherwise.
+Directories (sandboxes) are bound as they are.
+All of this runs in the keeper, after unshare: the mounts exist only in the
+container's mount namespace and vanish with it.
+"""
+import fcntl
+import os
+import subprocess
+
+from hpcrun import errors, linux
+
+
+def strategy(plan):
+    s = plan["mount_strategy"]
+    if plan["image"]["kind"] == "dir":
+        return "dir"
+    if s == "auto":
+        return "kernel" if not plan["userns"] else "fuse"
+    if s == "kernel" and plan["userns"]:
+        raise errors.Error(errors.CONFIG, "mount_strategy=kernel needs root; use fuse or auto")
+    if s not in ("kernel", "fuse", "extract"):
+        raise errors.Error(errors.CONFIG, "unknown mount_strategy %r" % s)
+    return s
+
+
+_offset_support = None
+
+
+def squashfuse_has_offset():
+    global _offset_support
+    if _offset_support is None:
+        try:
+            out = subprocess.run(["squashfuse", "--help"], capture_output=True, text=True, timeout=10)
+            _offset_support = "offset" in (out.stdout + out.stderr)
+        except (OSError, subprocess.SubprocessError):
+            _offset_support = False
+    return _offset_support
+
+
+class Stage:
+    """What the keeper holds while the image is mounted."""
+
+    def __init__(self):
+        self.children = []       # squashfuse processes
+        self.stage_lock = None   # fd holding LOCK_SH on a shared staged payload
+        self.stage_path = None
+        self.extract_dir = None
+
+
+def mount_image(plan, target, run_dir_fd, run_dir):
+    img = plan["image"]
+    how = strategy(plan)
+    st = Stage()
+    flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
+    if how == "dir":
+        linux.mount(img["path"], target, None, linux.MS_BIND | linux.MS_REC)
+        linux.mount(None, target, None, linux.MS_REMOUNT | linux.MS_BIND | flags)
+    elif how == "kernel":
+        _loop_mount(img, target)
+    elif how == "fuse":
+        source = img["path"]
+        opts = []
+        if img["offset"]:
+            if squashfuse_has_offset():
+                opts = ["-o", "offset=%d" % img["offset"]]
+            else:
+                source = _staged_payload(img, st, run_dir_fd, run_dir)
+        _squashfuse(source, target, opts, st)
+    elif how == "extract":
+        source = _staged_payload(img, st, run_dir_fd, run_dir) if img["offset"] else img["path"]
+        _extract(source, target, st)
+    plan["stage"] = {"strategy": how, "source": st.stage_path or img["path"],
+                     "offset": 0 if st.stage_path else img["offset"]}
+    return st
+
+
+def _loop_mount(img, target):
+    opts = "loop,ro,nosuid,nodev,offset=%d,sizelimit=%d" % (img["offset"], img["size"])
+    r = subprocess.run(["mount", "-t", "squashfs", "-o", opts, img["path"], target],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise errors.Error(errors.OSERR, "kernel mount of the image failed: %s"
+                           % (r.stderr.strip().splitlines() or ["?"])[-1], img["path"])
+
+
+def _squashfuse(source, target, opts, st):
+    exe = "squashfuse_ll" if _which("squashfuse_ll") else "squashfuse"
+    if not _which(exe):
+        raise errors.Error(errors.UNAVAILABLE, "squashfuse is not installed (needed to mount images "
+                           "unprivileged)", "apt-get install squashfuse fuse3")
+    if not os.path.exists("/dev/fuse"):
+        raise errors.Error(errors.UNAVAILABLE, "/dev/fuse is missing: FUSE not available on this host")
+    r, w = os.pipe()
+
+    def child_setup():
+        # squashfuse must keep CAP_SYS_ADMIN (of our user namespace) across exec
+        # to mount; and it must die with its keeper rather than outlive it.
+        if os.getuid() != 0:
+            linux.raise_ambient(linux.CAP_SYS_ADMIN)
+        linux.prctl(linux.PR_SET_PDEATHSIG, 15)
+
+    p = subprocess.Popen([exe, "-f"] + opts + [source, target], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=child_setup,
+                         close_fds=True)
+    os.close(r)
+    os.close(w)
+    st.children.append(p)
+    # The mount is ready when the target's device changes; squashfuse exits on failure.
+    import time
+    parent_dev = os.stat(os.path.dirname(target)).st_dev
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if os.stat(target).st_dev != parent_dev:
+                return
+        except OSError:
+            pass
+        if p.poll() is not None:
+            err = p.stderr.read().decode(errors="replace").strip().splitlines()
+            raise errors.Error(errors.OSERR, "squashfuse failed: %s" % (err[-1] if err else "exit %d" % p.returncode),
+                               source)
+        if time.monotonic() > deadline:
+            p.kill()
+            raise errors.Error(errors.OSERR, "squashfuse did not mount within 30 s", source)
+        time.sleep(0.002)
+
+
+def _staged_payload(img, st, run_dir_fd, run_dir):
+    """Copy the payload to run_dir/stage/<ident>.sqfs once per node; hold a
+    shared lock on it for as long as this container lives."""
+    try:
+        os.mkdir("stage", 0o700, dir_fd=run_dir_fd)
+    except FileExistsError:
+        pass
+    name = img["ident"].replace("/", "_").replace(":", "_")[:120]
+    lock_fd = os.open("stage/%s.lock" % name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=run_dir_fd)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    path = os.path.join(run_dir, "stage", name + ".sqfs")
+    try:
+        if not os.path.exists(path):
+            tmp = path + ".%d.tmp" % os.getpid()
+            try:
+                with open(img["path"], "rb") as src, open(tmp, "wb") as dst:
+                    left, off = img["size"], img["offset"]
+                    while left:
+                        n = os.copy_file_range(src.fileno(), dst.fileno(), min(left, 1 << 30), off)
+                        if n <= 0:
+                            raise errors.Error(errors.DATA, "image shorter than its header says", img["path"])
+                        left -= n
+                        off += n
+                os.rename(tmp, path)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+    finally:
+        fcntl.flock(lock_fd, fcntl.LOCK_SH)
+    st.stage_lock, st.stage_path = lock_fd, path
+    return path
+
+
+def _extract(source, target, st):
+    tmp = target + ".x"
+    r = subprocess.run(["unsquashfs", "-no-xattrs", "-quiet", "-no-progress", "-d", tmp, source],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise errors.Error(errors.OSERR, "unsquashfs failed: %s" % r.stderr.strip()[-200:], source)
+    linux.mount(tmp, target, None, linux.MS_BIND | linux.MS_REC)
+    st.extract_dir = tmp
+
+
+def release(st, run_dir_fd):
+    """Keeper teardown: stop squashfuse, drop the staged payload if we were its last user."""
+    for p in st.children:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(5)
+            except Exception:
+                p.kill()
+    if st.stage_lock is not None:
+        fcntl.flock(st.stage_lock, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(st.stage_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(st.stage_path)
+            base = st.stage_path[:-5]
+            os.unlink(base + ".lock")
+        except OSError:
+            pass
+        os.close(st.stage_lock)
+
+
+def _which(name):
+    for d in os.environ.get("PATH", "/usr/bin:/bin").split(":") + ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]:
+        p = os.path.join(d, name)
+        if os.access(p, os.X_OK):
+            return p
+    return None

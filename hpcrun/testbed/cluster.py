@@ -1,0 +1,278 @@
+"""A real Slurm cluster on loopback, started from a temporary directory.
+
+munged, slurmctld and N slurmd "nodes" (``slurmd -N nK``) run in the
+foreground as our children, with their own key, socket, ports, spool, state
+and logs under one directory, so nothing of the host's Slurm or munge is
+touched.  Used by tests/test_slurm*.py and ``make demo-slurm``:
+
+    with Cluster(nodes=2, plugin="plugins/slurm/spank_hpcrun.so",
+                 plugin_args=["hpcrun=/usr/bin/hpcrun"]) as c:
+        subprocess.run(["srun", "-N2", "hostname"], env=c.env())
+
+Details that matter on one host (docs/slurm.md, ../shared/reference/slurm.md):
+TmpFS is per node (PMIx's app dirs collide otherwise) and a TaskProlog gives
+every node its own Open MPI vader backing directory (shared-memory segment
+names collide across fake nodes otherwise).  MessageTimeout is long because a
+loaded 2-core machine misses the default.
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+SBIN = "/usr/sbin"
+MARK = "HPCRUN_TESTBED"   # set in the daemons' environment: finds their leftover children
+
+
+def _free_port_range(count, tries=200):
+    """A base port such that base..base+count-1 are free on 127.0.0.1."""
+    for _ in range(tries):
+        base = random.randint(20000, 60000 - count)
+        socks = []
+        try:
+            for p in range(base, base + count):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range of %d" % count)
+
+
+class Cluster:
+    def __init__(self, nodes=2, cpus=4, plugin=None, plugin_args=(), cli_filter=None,
+                 mpi_default="pmix", workdir=None, extra_conf=(), task_prolog_lines=()):
+        self.nodes = ["n%d" % (i + 1) for i in range(nodes)]
+        self.cpus = cpus
+        self.plugin = os.path.abspath(plugin) if plugin else None
+        self.plugin_args = list(plugin_args)
+        self.cli_filter = cli_filter
+        self.mpi_default = mpi_default
+        self.extra_conf = list(extra_conf)
+        self.task_prolog_lines = list(task_prolog_lines)
+        self._workdir = workdir
+        self.dir = None
+        self.procs = []          # (name, Popen), started in order, stopped in reverse
+
+    # -- paths -------------------------------------------------------------
+    def path(self, *parts):
+        return os.path.join(self.dir, *parts)
+
+    @property
+    def conf(self):
+        return self.path("etc", "slurm.conf")
+
+    def env(self, base=None, **extra):
+        """Environment for Slurm client commands talking to this cluster."""
+        e = dict(os.environ if base is None else base)
+        e["SLURM_CONF"] = self.conf
+        for k in list(e):
+            # An outer allocation's variables would confuse srun/sbatch here.
+            if k.startswith(("SLURM_", "SRUN_", "SBATCH_", "SALLOC_")) and k != "SLURM_CONF":
+                del e[k]
+        e.update(extra)
+        return e
+
+    # -- start ---------------------------------------------------------------
+    def start(self, timeout=60):
+        self.dir = tempfile.mkdtemp(prefix="hpcrun-slurm-", dir=self._workdir)
+        os.chmod(self.dir, 0o755)   # job users must reach the config and munge socket
+        try:
+            self._write_files()
+            self._start_munge()
+            self._start_slurm()
+            self.wait_idle(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _write_files(self):
+        for d in ("etc", "munge", "log", "run", "state", "spool", "tmp"):
+            os.makedirs(self.path(d), mode=0o755, exist_ok=True)
+        os.chmod(self.path("munge"), 0o700)
+        os.chmod(self.path("log"), 0o700)
+        for n in self.nodes:
+            # TmpFS and vader backing dirs: per node, writable by every job user.
+            t = self.path("tmp", n)
+            os.makedirs(t, exist_ok=True)
+            os.chmod(t, 0o1777)
+        base = _free_port_range(len(self.nodes) + 1)
+        self.ctld_port = base
+        hostname = socket.gethostname()
+        lines = [
+            "ClusterName=hpcrun%d" % base,
+            "SlurmctldHost=%s(127.0.0.1)" % hostname,
+            "SlurmctldPort=%d" % base,
+            "SlurmUser=root", "SlurmdUser=root",
+            "AuthType=auth/munge", "CredType=cred/munge",
+            "AuthInfo=socket=%s" % self.path("munge", "munge.socket.2"),
+            "StateSaveLocation=%s" % self.path("state"),
+            "SlurmdSpoolDir=%s" % self.path("spool", "%n"),
+            "SlurmctldPidFile=%s" % self.path("run", "slurmctld.pid"),
+            "SlurmdPidFile=%s" % self.path("run", "slurmd-%n.pid"),
+            "SlurmctldLogFile=%s" % self.path("log", "slurmctld.log"),
+            "SlurmdLogFile=%s" % self.path("log", "slurmd-%n.log"),
+            "SlurmdDebug=info", "SlurmctldDebug=info",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+            "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
+            "SchedulerType=sched/builtin", "SchedulerParameters=sched_interval=1",
+            "MpiDefault=%s" % self.mpi_default,
+            "MessageTimeout=60", "ReturnToService=2", "KillWait=5", "InactiveLimit=0",
+            "SlurmdParameters=config_overrides",
+            "JobCompType=jobcomp/none", "AccountingStorageType=accounting_storage/none",
+            "TmpFS=%s" % self.path("tmp", "%n"),
+            "TaskProlog=%s" % self.path("etc", "task_prolog.sh"),
+            "PlugStackConfig=%s" % self.path("etc", "plugstack.conf"),
+        ]
+        if self.cli_filter:
+            lines.append("CliFilterPlugins=cli_filter/lua")
+            # cli_filter/lua reads cli_filter.lua from beside slurm.conf.
+            shutil.copy(self.cli_filter, self.path("etc", "cli_filter.lua"))
+        lines += self.extra_conf
+        last = base + len(self.nodes)
+        lines.append("NodeName=n[1-%d] NodeHostname=%s NodeAddr=127.0.0.1 Port=[%d-%d] CPUs=%d "
+                     "State=UNKNOWN" % (len(self.nodes), hostname, base + 1, last, self.cpus))
+        lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
+        with open(self.conf, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(self.path("etc", "plugstack.conf"), "w") as f:
+            if self.plugin:
+                f.write("required %s %s\n" % (self.plugin, " ".join(self.plugin_args)))
+        prolog = self.path("etc", "task_prolog.sh")
+        with open(prolog, "w") as f:
+            f.write("#!/bin/sh\n"
+                    "echo export OMPI_MCA_btl_vader_backing_directory=%s/$SLURMD_NODENAME\n"
+                    % self.path("tmp"))
+            for line in self.task_prolog_lines:
+                f.write(line + "\n")
+        os.chmod(prolog, 0o755)
+
+    def _spawn(self, name, argv):
+        env = dict(os.environ, SLURM_CONF=self.conf)
+        env[MARK] = self.dir
+        log = open(self.path("log", name + ".out"), "wb")
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                             env=env, start_new_session=True)
+        log.close()
+        self.procs.append((name, p))
+        return p
+
+    def _start_munge(self):
+        key = self.path("munge", "munge.key")
+        subprocess.run(["mungekey", "-c", "-k", key], check=True, capture_output=True)
+        os.chmod(key, 0o400)
+        sock = self.path("munge", "munge.socket.2")
+        self._spawn("munged", [SBIN + "/munged", "-F", "--force", "--key-file=" + key,
+                               "--socket=" + sock, "--pid-file=" + self.path("munge", "munged.pid"),
+                               "--log-file=" + self.path("log", "munged.log"),
+                               "--seed-file=" + self.path("munge", "munged.seed")])
+        self._wait(lambda: os.path.exists(sock), 15, "munged socket")
+        # Munge refuses clients that cannot reach the socket: job users need it.
+        os.chmod(self.path("munge"), 0o755)
+
+    def _start_slurm(self):
+        self._spawn("slurmctld", [SBIN + "/slurmctld", "-D", "-c", "-i", "-f", self.conf])
+        for n in self.nodes:
+            self._spawn("slurmd-" + n, [SBIN + "/slurmd", "-D", "-N", n, "-f", self.conf])
+
+    def _wait(self, ok, timeout, what):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if ok():
+                return
+            for name, p in self.procs:
+                if p.poll() is not None:
+                    raise RuntimeError("%s exited (%s); logs in %s" % (name, p.returncode, self.path("log")))
+            time.sleep(0.1)
+        raise RuntimeError("timed out waiting for %s; logs in %s" % (what, self.path("log")))
+
+    def node_states(self):
+        r = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=self.env(),
+                           capture_output=True, text=True, timeout=60)
+        return dict(line.split() for line in r.stdout.splitlines() if line.strip())
+
+    def wait_idle(self, timeout=60):
+        """Until every node is idle: an srun before that just queues."""
+        self._wait(lambda: all(s == "idle" for s in self.node_states().values())
+                   and len(self.node_states()) == len(self.nodes), timeout, "idle nodes")
+
+    # -- stop ----------------------------------------------------------------
+    def _marked_pids(self):
+        """PIDs of processes started by our daemons (slurmstepd, tasks left behind)."""
+        want = ("%s=%s" % (MARK, self.dir)).encode()
+        own = {p.pid for _, p in self.procs}
+        pids = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit() or int(d) in own or int(d) == os.getpid():
+                continue
+            try:
+                with open("/proc/%s/environ" % d, "rb") as f:
+                    if want in f.read().split(b"\0"):
+                        pids.append(int(d))
+            except OSError:
+                pass
+        return pids
+
+    def stop(self):
+        if self.dir is None:
+            return
+        if any(n == "slurmctld" and p.poll() is None for n, p in self.procs):
+            try:   # every user's jobs, so their steps end before the daemons do
+                ids = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env(), capture_output=True,
+                                     text=True, timeout=30).stdout.split()
+                if ids:
+                    subprocess.run(["scancel", "--full"] + ids, env=self.env(), capture_output=True,
+                                   timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        for name, p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for name, p in reversed(self.procs):
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for pid in self._marked_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.procs = []
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir = None
+
+    def logs(self):
+        """All daemon logs as one string (for failure messages)."""
+        out = []
+        for name in sorted(os.listdir(self.path("log"))):
+            with open(self.path("log", name), errors="replace") as f:
+                out.append("== %s ==\n%s" % (name, f.read()[-4000:]))
+        return "\n".join(out)
+
+    def __enter__(self):
+        if self.dir is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+if __name__ == "__main__":   # quick manual check: python -m hpcrun.testbed.cluster
+    with Cluster() as c:
+        print(json.dumps(c.node_states()))
+        print(subprocess.run(["srun", "-N2", "hostname"], env=c.env(), capture_output=True,
+                             text=True).stdout)

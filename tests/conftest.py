@@ -1,0 +1,88 @@
+"""Shared fixtures: the installed hpcrun, a real unprivileged user, real images.
+
+Images are built once per session in a world-readable directory so the
+unprivileged test user can use them too (pytest's tmp_path is root-only).
+"""
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import imagetools  # noqa: E402
+
+TEST_USER = "hpcrun-test"
+
+
+@pytest.fixture(scope="session")
+def hpcrun_bin():
+    path = os.path.join(os.path.dirname(sys.executable), "hpcrun")
+    assert os.access(path, os.X_OK), "hpcrun console script missing: run make venv"
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    """A world-readable scratch directory for the whole session."""
+    d = tempfile.mkdtemp(prefix="hpcrun-tests-")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def test_user():
+    """A real unprivileged user (created when running as root)."""
+    if os.getuid() != 0:
+        return pwd.getpwuid(os.getuid())
+    try:
+        return pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", TEST_USER], check=True)
+        return pwd.getpwnam(TEST_USER)
+
+
+def user_cmd(user, argv):
+    """argv run as `user` (no-op when we are that user already)."""
+    if os.getuid() == user.pw_uid:
+        return list(argv)
+    return ["setpriv", "--reuid=%d" % user.pw_uid, "--regid=%d" % user.pw_gid, "--init-groups",
+            "--reset-env", "--"] + list(argv)
+
+
+@pytest.fixture(scope="session")
+def as_user(test_user):
+    """run(argv, **kw) as the unprivileged user, from its home, with a sane env."""
+    def run(argv, env=None, cwd=None, **kw):
+        e = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": test_user.pw_dir,
+             "USER": test_user.pw_name, "LOGNAME": test_user.pw_name, "LANG": "C.UTF-8"}
+        e.update(env or {})
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        kw.setdefault("timeout", 120)
+        return subprocess.run(user_cmd(test_user, ["env"] + ["%s=%s" % kv for kv in e.items()] + list(argv)),
+                              cwd=cwd or test_user.pw_dir, **kw)
+    return run
+
+
+@pytest.fixture(scope="session")
+def busybox_root(shared_dir):
+    root = os.path.join(shared_dir, "busybox-root")
+    imagetools.make_busybox_root(root, runscript=["/bin/echo", "runscript says"],
+                                 env=[("IMAGE_VAR", "from-image"), ("PATH", "/bin:/usr/bin")])
+    return root
+
+
+@pytest.fixture(scope="session")
+def busybox_image(shared_dir, busybox_root):
+    """An hpcrun single-file image of the busybox root (chmod 755)."""
+    return imagetools.make_image(busybox_root, os.path.join(shared_dir, "busybox.img"))
+
+
+@pytest.fixture(scope="session")
+def busybox_squashfs(shared_dir, busybox_root):
+    return imagetools.mksquashfs(busybox_root, os.path.join(shared_dir, "busybox.sqfs"))

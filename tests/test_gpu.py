@@ -1,0 +1,159 @@
+"""--nv without a GPU: a fake NVIDIA driver tree built here (stub libcuda.so.1 and
+libnvidia-ml.so.1 compiled with gcc, registered in a private ld.so cache with
+ldconfig -C, a fake nvidia-smi, device nodes made with mknod) proves discovery,
+binds, library-path order and the glibc check."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+import imagetools
+from hpcrun import config, errors, gpu
+from hpcrun.mpi import inject
+
+NVLIB = "/.hpcrun/host/nv/lib"
+
+
+def gcc(*args):
+    subprocess.run(["gcc"] + list(args), check=True, capture_output=True)
+
+
+def write(path, text, mode=None):
+    with open(path, "w") as f:
+        f.write(text)
+    if mode:
+        os.chmod(path, mode)
+    return path
+
+
+def build_driver(d, newer_glibc=False):
+    """A fake driver 535.104.05 under d: lib/, bin/nvidia-smi, dev/nvidia0 (root only), ld.so.cache."""
+    lib, bin_, dev = (os.path.join(d, x) for x in ("lib", "bin", "dev"))
+    for x in (lib, bin_, dev):
+        os.makedirs(x, exist_ok=True)
+    src = write(os.path.join(d, "cuda.c"), 'const char *hpcrun_fake_driver(void) { return "host-driver"; }\n'
+                                          'int cuDriverGetVersion(int *v) { *v = 12020; return 0; }\n')
+    gcc("-shared", "-fPIC", "-o", os.path.join(lib, "libcuda.so.535.104.05"), "-Wl,-soname,libcuda.so.1", src)
+    ml = write(os.path.join(d, "ml.c"), "int nvmlInit_v2(void) { return 0; }\n")
+    extra = []
+    if newer_glibc:
+        # a "libc.so.6" defining GLIBC_2.99 to link against: the stub then needs a glibc nobody has
+        fake = os.path.join(d, "fakec")
+        os.makedirs(fake, exist_ok=True)
+        c = write(os.path.join(d, "c.c"), "int fake_new_symbol(void) { return 0; }\n")
+        v = write(os.path.join(d, "v.map"), "GLIBC_2.99 { global: fake_new_symbol; local: *; };\n")
+        gcc("-shared", "-fPIC", "-nostdlib", "-o", os.path.join(fake, "libc.so.6"), "-Wl,-soname,libc.so.6",
+            "-Wl,--version-script," + v, c)
+        ml = write(os.path.join(d, "ml.c"), "extern int fake_new_symbol(void);\n"
+                                            "int nvmlInit_v2(void) { return fake_new_symbol(); }\n")
+        extra = [os.path.join(fake, "libc.so.6")]
+    gcc("-shared", "-fPIC", "-o", os.path.join(lib, "libnvidia-ml.so.535.104.05"),
+        "-Wl,-soname,libnvidia-ml.so.1", ml, *extra)
+    write(os.path.join(bin_, "nvidia-smi"), "#!/bin/sh\necho 'NVIDIA-SMI 535.104.05 (fake)'\n", 0o755)
+    conf = write(os.path.join(d, "ld.so.conf"), lib + "\n")
+    cache = os.path.join(d, "ld.so.cache")
+    subprocess.run(["ldconfig", "-C", cache, "-f", conf], check=True)
+    if os.getuid() == 0:
+        subprocess.run(["mknod", "-m", "666", os.path.join(dev, "nvidia0"), "c", "1", "3"], check=True)
+        subprocess.run(["mknod", "-m", "666", os.path.join(dev, "nvidiactl"), "c", "1", "3"], check=True)
+    return {"nv_ldcache": [cache], "nv_path": [bin_], "nv_devices": [os.path.join(dev, "nvidia*")]}
+
+
+def cfg(values):
+    return config.Config(values, [])
+
+
+@pytest.fixture(scope="module")
+def driver(shared_dir):
+    d = os.path.join(shared_dir, "gpu-fake-driver")
+    values = build_driver(d)
+    values["dir"] = d
+    return values
+
+
+@pytest.fixture(scope="module")
+def glibc_root(shared_dir):
+    root = os.path.join(shared_dir, "gpu-glibc-root")
+    imagetools.make_busybox_root(root)
+    imagetools.add_host_program(root, "/bin/true")
+    return root
+
+
+def test_discovery_binds_and_order(driver, glibc_root):
+    values = {k: v for k, v in driver.items() if k != "dir"}
+    found = gpu.discover(cfg(values))
+    assert set(found["libs"]) == {"libcuda.so.1", "libnvidia-ml.so.1"}
+    assert found["source"] == "list"
+    # an MPI host dir already on the path: the driver's directory goes in front of it
+    plan = {"binds": [], "ld_library_path_prepend": ["/.hpcrun/host/lib"]}
+    gpu.prepare(plan, glibc_root, cfg(values))
+    binds = {b["dst"]: b for b in plan["binds"]}
+    assert binds[NVLIB + "/libcuda.so.1"]["src"] == os.path.join(driver["dir"], "lib/libcuda.so.535.104.05")
+    assert binds[NVLIB + "/libcuda.so.1"]["ro"]
+    assert NVLIB + "/libnvidia-ml.so.1" in binds
+    smi = os.path.join(driver["dir"], "bin/nvidia-smi")
+    assert binds[smi]["src"] == smi
+    if os.getuid() == 0:
+        devs = [b for b in plan["binds"] if b["why"].startswith("GPU device")]
+        assert sorted(os.path.basename(b["dst"]) for b in devs) == ["nvidia0", "nvidiactl"]
+        assert not any(b["ro"] for b in devs)
+    assert plan["ld_library_path_prepend"] == [NVLIB, "/.hpcrun/host/lib"]
+    assert not any(b["dst"].endswith("/libc.so.6") for b in plan["binds"])
+    assert any("2 driver libraries" in n and "535.104.05" in n for n in plan["notes"])
+    assert gpu.driver_version(cfg(values)) == "535.104.05"
+
+
+def test_same_path_under_a_host_bind_is_not_bound_twice(driver, glibc_root):
+    values = {k: v for k, v in driver.items() if k != "dir"}
+    plan = {"binds": [{"src": driver["dir"], "dst": driver["dir"], "ro": False, "why": "user"}]}
+    gpu.prepare(plan, glibc_root, cfg(values))
+    assert not any(b["why"].startswith(("GPU device", "GPU driver file")) for b in plan["binds"])
+    assert any(b["dst"] == NVLIB + "/libcuda.so.1" for b in plan["binds"])
+
+
+def test_driver_needing_newer_glibc_is_refused(tmp_path, glibc_root):
+    values = build_driver(str(tmp_path), newer_glibc=True)
+    with pytest.raises(errors.Error) as e:
+        gpu.prepare({}, glibc_root, cfg(values))
+    assert e.value.code == errors.MPI_ABI
+    assert "GLIBC_2.99" in e.value.what and "glibc is %s" % inject.image_glibc(glibc_root) in e.value.what
+    assert e.value.subject.endswith("libnvidia-ml.so.535.104.05")
+
+
+def test_no_driver_warns_and_goes_on(tmp_path, glibc_root, capfd):
+    empty = tmp_path / "ld.so.conf"
+    empty.write_text(str(tmp_path) + "\n")
+    cache = str(tmp_path / "ld.so.cache")
+    subprocess.run(["ldconfig", "-C", cache, "-f", str(empty)], check=True)
+    values = {"nv_ldcache": [cache], "nv_path": [str(tmp_path)], "nv_devices": [str(tmp_path / "nvidia*")]}
+    plan = {}
+    gpu.prepare(plan, glibc_root, cfg(values))
+    err = capfd.readouterr().err
+    assert err.count("hpcrun: warning: --nv: no NVIDIA driver") == 1
+    assert not plan.get("binds") and not plan.get("ld_library_path_prepend")
+    assert gpu.driver_version(cfg(values)) is None
+
+
+def test_enabled_sources():
+    off = cfg({})
+    assert not gpu.enabled(False, {}, off)
+    assert gpu.enabled(True, {}, off)
+    assert gpu.enabled(False, {"HPCRUN_NV": "1"}, off)
+    assert gpu.enabled(False, {}, cfg({"nv": ["always"]}))
+
+
+def test_admin_extra_entries(driver, glibc_root, tmp_path):
+    tool = tmp_path / "nvidia-extra-tool"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    icd = tmp_path / "nvidia_icd.json"
+    icd.write_text("{}")
+    values = {k: v for k, v in driver.items() if k != "dir"}
+    values["nv_extra"] = ["nvidia-extra-tool, %s /etc/vulkan/icd.d/nvidia_icd.json" % icd]
+    values["nv_path"] = [driver["nv_path"][0] + ":" + str(tmp_path)]
+    plan = {}
+    gpu.prepare(plan, glibc_root, cfg(values))
+    binds = {b["dst"]: b["src"] for b in plan["binds"]}
+    assert binds["/etc/vulkan/icd.d/nvidia_icd.json"] == str(icd)
+    assert binds[str(tool)] == str(tool)
