@@ -24,6 +24,9 @@ deps: .deps-stamp
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  fi; \
 	else echo "not root or no apt-get: assuming the Debian packages in the Makefile are installed"; fi
+	@# Unprivileged squashfuse needs /dev/fuse open to users (Debian's default is 0666;
+	@# some container hosts create it 0600).  FUSE mounts by users stay nosuid,nodev.
+	@if [ "$$(id -u)" = 0 ] && [ -c /dev/fuse ]; then chmod 0666 /dev/fuse; fi
 	@touch $@
 
 venv: $(STAMP)

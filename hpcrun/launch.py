@@ -27,8 +27,8 @@ def launch(opts):
     namespace.join(plan, cfg, timing)                        # now inside the node's container
     t2 = time.perf_counter()
     env = environment.final(plan)
+    cwd = enter_cwd(plan, env, opts)                        # first: ./solver is relative to it
     argv = command(plan, env)
-    cwd = enter_cwd(plan, env, opts)
     if opts.verbose:
         sys.stderr.write("hpcrun: %s image %s, container %s%s; plan %.1f ms, join %.1f ms; exec %s in %s\n" % (
             img.kind, img.path, plan["key"], " (new)" if timing else " (joined)",

@@ -148,6 +148,14 @@ def _start_keeper(plan, cfg, dir_fd, run_dir):
         try:
             os.close(r)
             os.setsid()
+            # The keeper must hold nothing of the rank's: not its flock on
+            # <key>.lock (joins and the keeper's own exit would block), not its
+            # pipes (a reader of the rank's output would wait for EOF).
+            keep = sorted({w, dir_fd})
+            os.closerange(3, keep[0])
+            if len(keep) > 1:
+                os.closerange(keep[0] + 1, keep[1])
+            os.closerange(keep[-1] + 1, os.sysconf("SC_OPEN_MAX"))
             if os.fork() == 0:                     # the keeper
                 _keeper_main(plan, cfg, dir_fd, run_dir, w)
         except BaseException:

@@ -23,7 +23,7 @@ from hpcrun import errors, linux
 
 def strategy(plan):
     s = plan["mount_strategy"]
-    if plan["image"]["kind"] == "dir":
+    if plan["image"]["kind"] == "dir" or "offset" not in plan["image"]:
         return "dir"
     if s == "auto":
         return "kernel" if not plan["userns"] else "fuse"
@@ -81,7 +81,7 @@ def mount_image(plan, target, run_dir_fd, run_dir):
         source = _staged_payload(img, st, run_dir_fd, run_dir) if img["offset"] else img["path"]
         _extract(source, target, st)
     plan["stage"] = {"strategy": how, "source": st.stage_path or img["path"],
-                     "offset": 0 if st.stage_path else img["offset"]}
+                     "offset": 0 if st.stage_path else img.get("offset", 0)}
     return st
 
 
