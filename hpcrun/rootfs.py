@@ -56,8 +56,11 @@ def build(plan, cfg, dir_fd, run_dir):
     _prepare_hooks(plan, cfg, image_root)
 
     root = os.path.join(ws, "root")
+    files = os.path.join(ws, "files")
+    generated = _generated_files(plan, image_root, files)
     layer = plan["writable_layer"]
     if layer == "overlay":
+        _precreate_mount_points(image_root, os.path.join(ws, "upper"), plan["binds"] + generated)
         opts = "lowerdir=%s,upperdir=%s/upper,workdir=%s/work" % (image_root, ws, ws)
         try:
             linux.mount("hpcrun", root, "overlay", NOSUID_NODEV, opts + (",userxattr" if plan["userns"] else ""))
@@ -70,8 +73,6 @@ def build(plan, cfg, dir_fd, run_dir):
         linux.mount(image_root, root, None, linux.MS_BIND | linux.MS_REC)
     plan["writable_layer"] = layer
 
-    files = os.path.join(ws, "files")
-    generated = _generated_files(plan, image_root, files)
     for b in plan["binds"] + generated:
         _bind(root, b, plan)
     linux.mount(None, root, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | NOSUID_NODEV)
@@ -81,6 +82,29 @@ def build(plan, cfg, dir_fd, run_dir):
     linux.umount2(".", linux.MNT_DETACH)
     os.chdir("/")
     return built
+
+
+def _precreate_mount_points(image_root, upper, binds):
+    """Make missing bind destinations in the overlay's upper layer before it
+    is mounted.  Through the mounted overlay we could not: in a user
+    namespace the image's directories belong to an unmapped root, and even
+    our capabilities do not let us create entries in them."""
+    for b in binds:
+        path, exists = resolve_in_root(image_root, b["dst"])
+        if exists:
+            continue
+        rel = os.path.relpath(path, image_root)
+        if rel.startswith(".."):
+            continue
+        target = os.path.join(upper, rel)
+        try:
+            os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+            if b.get("dir", os.path.isdir(b["src"])):
+                os.makedirs(target, 0o755, exist_ok=True)
+            elif not os.path.lexists(target):
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        except OSError:
+            pass          # _bind() reports it, with the bind named
 
 
 def _map_ids(uid, gid):
