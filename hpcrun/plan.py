@@ -82,8 +82,11 @@ class Binds:
             for f in self.forbidden:
                 if real == f or real.startswith(f.rstrip("/") + "/") or f == "/":
                     raise errors.Error(errors.NOPERM, "bind source forbidden by the site configuration", b["src"])
-            if not os.access(real, os.R_OK):
-                raise errors.Error(errors.NOINPUT, "bind source not readable", b["src"])
+            # A directory the user may only traverse (mode 0711, like PBS's
+            # mom_priv/jobs) is a fine bind source; a file must be readable.
+            need = os.X_OK if stat.S_ISDIR(st.st_mode) else os.R_OK
+            if not os.access(real, need):
+                raise errors.Error(errors.NOINPUT, "bind source not accessible", b["src"])
         b["src"] = real
         b["dir"] = stat.S_ISDIR(st.st_mode)
         self.items = [x for x in self.items if x["dst"] != b["dst"]]

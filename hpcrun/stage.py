@@ -17,6 +17,7 @@ container's mount namespace and vanish with it.
 import fcntl
 import os
 import subprocess
+import time
 
 from hpcrun import errors, linux
 
@@ -117,7 +118,6 @@ def _squashfuse(source, target, opts, st):
     os.close(w)
     st.children.append(p)
     # The mount is ready when the target's device changes; squashfuse exits on failure.
-    import time
     parent_dev = os.stat(os.path.dirname(target)).st_dev
     deadline = time.monotonic() + 30
     while True:
@@ -138,38 +138,72 @@ def _squashfuse(source, target, opts, st):
 
 def _staged_payload(img, st, run_dir_fd, run_dir):
     """Copy the payload to run_dir/stage/<ident>.sqfs once per node; hold a
-    shared lock on it for as long as this container lives."""
+    shared lock on it for as long as this container lives.
+
+    Containers with different keys (other binds, another job step) share one
+    staged copy, and each holds LOCK_SH on it for its whole life, so a
+    creator must never *wait* for LOCK_EX: it takes LOCK_SH, and only when the
+    copy is missing tries a non-blocking upgrade to copy it."""
     try:
         os.mkdir("stage", 0o700, dir_fd=run_dir_fd)
     except FileExistsError:
         pass
     name = img["ident"].replace("/", "_").replace(":", "_")[:120]
-    lock_fd = os.open("stage/%s.lock" % name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=run_dir_fd)
-    fcntl.flock(lock_fd, fcntl.LOCK_EX)
     path = os.path.join(run_dir, "stage", name + ".sqfs")
-    try:
-        if not os.path.exists(path):
-            tmp = path + ".%d.tmp" % os.getpid()
-            try:
-                with open(img["path"], "rb") as src, open(tmp, "wb") as dst:
-                    left, off = img["size"], img["offset"]
-                    while left:
-                        n = os.copy_file_range(src.fileno(), dst.fileno(), min(left, 1 << 30), off)
-                        if n <= 0:
-                            raise errors.Error(errors.DATA, "image shorter than its header says", img["path"])
-                        left -= n
-                        off += n
-                os.rename(tmp, path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
-    finally:
+    while True:
+        lock_fd = _lock_current(run_dir_fd, "stage/%s.lock" % name, fcntl.LOCK_SH)
+        if os.path.exists(path):
+            break
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:         # another stager is deciding too: back off
+            os.close(lock_fd)
+            time.sleep(0.005)
+            continue
+        try:
+            if not os.path.exists(path):
+                _copy_payload(img, path)
+        except BaseException:
+            os.close(lock_fd)
+            raise
         fcntl.flock(lock_fd, fcntl.LOCK_SH)
+        break
     st.stage_lock, st.stage_path = lock_fd, path
     return path
+
+
+def _lock_current(dir_fd, name, mode):
+    """flock name, retrying until the locked file is the one name points to
+    (release() unlinks the lock file of a copy it deletes)."""
+    while True:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        fcntl.flock(fd, mode)
+        try:
+            if os.stat(name, dir_fd=dir_fd).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _copy_payload(img, path):
+    tmp = path + ".%d.tmp" % os.getpid()
+    try:
+        with open(img["path"], "rb") as src, open(tmp, "wb") as dst:
+            left, off = img["size"], img["offset"]
+            while left:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), min(left, 1 << 30), off)
+                if n <= 0:
+                    raise errors.Error(errors.DATA, "image shorter than its header says", img["path"])
+                left -= n
+                off += n
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _extract(source, target, st):

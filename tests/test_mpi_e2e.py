@@ -103,6 +103,7 @@ def ompi_image(shared_dir, hello_bin):
 def bare_image(shared_dir, hello_bin):
     """Image with /app/hello (linked against libmpi.so.40) but no MPI at all: --mpi=host's job."""
     root = base_root(os.path.join(shared_dir, "mpi-e2e-bare-root"), hello_bin)
+    copy_libs(root, [])         # a whole glibc (libm...): injected host libraries use the image's
     return imagetools.make_image(root, os.path.join(shared_dir, "mpi-e2e-bare.img"))
 
 
@@ -229,6 +230,7 @@ def test_pytest_mpi_inside_image(hpcrun_bin, ompi_image, shared_dir, tmp_path):
     test = tmp_path / "test_inside.py"
     test.write_text(INSIDE_TEST)
     r = run_root(MPIRUN + ["-np", "2", hpcrun_bin, "-B", venv, "-B", stdlib, "-B", os.path.realpath(sys.executable),
+                           "-B", "/usr/bin/python3",    # the venv's bin/python links to it
                            "-B", "/usr/lib/x86_64-linux-gnu", ompi_image, os.path.join(venv, "bin/python"),
                            "-m", "pytest", "-q", "--with-mpi", "-p", "no:cacheprovider", str(test)],
                  cwd=str(tmp_path))

@@ -1,0 +1,927 @@
+"""The core launcher, for real: real images, real namespaces, a real unprivileged user.
+
+Nothing is mocked.  Most behaviour is checked twice, as root (no user
+namespace, kernel loop mount) and as the unprivileged test user (user
+namespace, squashfuse on a staged payload), because the two take different
+paths through namespace.py / rootfs.py / stage.py.
+
+Sections:
+  1. identity            uid/gid/name inside are the caller's
+  2. exec in place       same PID, exit status, signals, descriptors, stdin
+  3. privileges          setuid binaries do not raise privileges; NoNewPrivs
+  4. binds and env       -B forms, HPCRUN_BIND, --pwd, --env*, --cleanenv, deny list, --no-home
+  5. bind through links  an image's symlink never redirects a bind onto a host path
+  6. errors             one line, the documented code, no traceback, nothing left mounted
+  7. image kinds         hpcrun, SquashFS, directory, SIF, the executable image
+  8. --dry-run           the plan as JSON, nothing started
+  9. the node container  workspace hygiene; 256 ranks at once share one container
+"""
+import json
+import os
+import pwd
+import grp
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import imagetools  # noqa: E402
+
+from hpcrun import errors  # noqa: E402
+
+BUSYBOX = imagetools.BUSYBOX
+SIF_DIR = "/work/shared/data/sif"
+SIF_HELLO = "Hello from Sylabs!\n"       # /hello.txt in the SIF test images (apptainer/sif test data)
+
+
+# ---------------------------------------------------------------- callers ---
+
+class Caller:
+    """Runs commands as one user with a small, fixed environment.
+
+    As the test user: setpriv (ids) then `env -i` (environment); both exec in
+    place, so a Popen's pid is hpcrun's pid and hence the program's."""
+
+    def __init__(self, pw, hpcrun):
+        self.pw = pw
+        self.hpcrun_bin = hpcrun
+        self.uid, self.gid, self.home = pw.pw_uid, pw.pw_gid, pw.pw_dir
+        self.name = pw.pw_name
+        self.is_me = pw.pw_uid == os.getuid()
+        self.run_dir = "/tmp/hpcrun-%d" % self.uid
+
+    def __repr__(self):
+        return "Caller(%s)" % self.name
+
+    def env(self, extra=None):
+        e = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": self.home, "USER": self.name,
+             "LOGNAME": self.name, "LANG": "C.UTF-8", "HPCRUN_LINGER": "1"}
+        e.update(extra or {})
+        return e
+
+    def argv(self, argv, env=None):
+        e = self.env(env)
+        wrap = ["env", "-i"] + ["%s=%s" % kv for kv in e.items()]
+        if not self.is_me:
+            wrap = ["setpriv", "--reuid=%d" % self.uid, "--regid=%d" % self.gid, "--init-groups",
+                    "--reset-env", "--"] + wrap
+        return wrap + [str(a) for a in argv]
+
+    def popen(self, argv, env=None, cwd=None, **kw):
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        kw.setdefault("text", True)
+        return subprocess.Popen(self.argv(argv, env), cwd=cwd or self.home, **kw)
+
+    def run(self, argv, env=None, cwd=None, timeout=120, **kw):
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        return subprocess.run(self.argv(argv, env), cwd=cwd or self.home, timeout=timeout, **kw)
+
+    def hpcrun(self, *args, env=None, cwd=None, **kw):
+        return self.run([self.hpcrun_bin] + list(args), env=env, cwd=cwd, **kw)
+
+    def ok(self, *args, **kw):
+        """hpcrun ... that must succeed; returns stdout."""
+        r = self.hpcrun(*args, **kw)
+        assert r.returncode == 0, "rc=%d\nstdout: %s\nstderr: %s" % (r.returncode, r.stdout, r.stderr)
+        return r.stdout
+
+    def dry_run(self, *args, **kw):
+        return json.loads(self.ok("--dry-run", *args, **kw))
+
+
+@pytest.fixture(scope="module")
+def root_caller(hpcrun_bin):
+    if os.getuid() != 0:
+        pytest.skip("needs root")
+    return Caller(pwd.getpwuid(0), hpcrun_bin)
+
+
+@pytest.fixture(scope="module")
+def user_caller(hpcrun_bin, test_user):
+    if test_user.pw_uid == 0:
+        pytest.skip("no unprivileged user")
+    return Caller(test_user, hpcrun_bin)
+
+
+@pytest.fixture(params=["root", "user"])
+def caller(request):
+    """Both: root (no user namespace, loop mount) and the unprivileged user (userns, FUSE)."""
+    return request.getfixturevalue(request.param + "_caller")
+
+
+# ---------------------------------------------------------------- helpers ---
+
+def processes(comm):
+    """[(pid, cmdline)] of processes whose comm is `comm`."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/comm" % name) as f:
+                if f.read().strip() != comm:
+                    continue
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        out.append((int(name), cmd))
+    return out
+
+
+def keepers_of(fragment):
+    return [pid for pid, cmd in processes("hpcrun-keeper") if fragment in cmd]
+
+
+def eventually(pred, timeout=30.0):
+    """Poll pred() until true; a keeper leaves up to `linger` + ~1 s after its last user."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+def host_mounts(fragment):
+    with open("/proc/self/mountinfo") as f:
+        return [line for line in f if fragment in line]
+
+
+def assert_one_error(r, code, *fragments):
+    """The error contract: one stderr line `hpcrun: error: ...`, the code, no traceback."""
+    lines = r.stderr.splitlines()
+    assert r.returncode == code, "expected %d, got %d: %r" % (code, r.returncode, r.stderr)
+    assert len(lines) == 1, "expected one stderr line: %r" % r.stderr
+    assert lines[0].startswith("hpcrun: error: "), lines[0]
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def private_dir(base, owner, mode=0o755):
+    """A fresh directory owned by `owner` (a Caller), under base."""
+    d = tempfile.mkdtemp(dir=base)
+    os.chown(d, owner.uid, owner.gid)
+    os.chmod(d, mode)
+    return d
+
+
+def write(path, text, mode=0o644):
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+    return path
+
+
+def static_program(c_source, out):
+    """Compile a static C program (the busybox image has no libc); None without gcc."""
+    gcc = shutil.which("gcc")
+    if not gcc or not os.path.exists("/usr/lib/x86_64-linux-gnu/libc.a") and \
+            not os.path.exists("/usr/lib/libc.a"):
+        return None
+    src = out + ".c"
+    write(src, c_source)
+    r = subprocess.run([gcc, "-static", "-O2", "-o", out, src], capture_output=True, text=True)
+    return out if r.returncode == 0 else None
+
+
+EUID_C = r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(void) { printf("ruid=%d euid=%d\n", (int)getuid(), (int)geteuid()); return 0; }
+"""
+
+
+# ----------------------------------------------------------------- images ---
+
+@pytest.fixture(scope="module")
+def core_dir(shared_dir):
+    d = tempfile.mkdtemp(prefix="core-", dir=shared_dir)
+    os.chmod(d, 0o755)
+    return d
+
+
+@pytest.fixture(scope="module")
+def euid_prog(core_dir):
+    """A static program printing its real and effective uid, setuid root, on a
+    host filesystem that honours setuid (shared_dir under /tmp)."""
+    d = os.path.join(core_dir, "suid")
+    os.mkdir(d, 0o755)
+    prog = static_program(EUID_C, os.path.join(d, "euid"))
+    if prog is None:
+        pytest.skip("gcc with a static libc needed to build a setuid test program")
+    os.chown(prog, 0, 0)
+    os.chmod(prog, 0o4755)
+    return prog
+
+
+@pytest.fixture(scope="module")
+def core_root(core_dir, euid_prog):
+    """The busybox root plus what these tests need: a setuid-root program,
+    symlinks that point out of the image, a non-executable file."""
+    root = os.path.join(core_dir, "root")
+    imagetools.make_busybox_root(root, runscript=["/bin/echo", "runscript says"],
+                                 env=[("IMAGE_VAR", "from-image"), ("PATH", "/bin:/usr/bin")])
+    shutil.copy(euid_prog, os.path.join(root, "bin/euid"))
+    os.chmod(os.path.join(root, "bin/euid"), 0o4755)          # mksquashfs -all-root: owned by root
+    os.symlink("/etc", os.path.join(root, "evil"))               # absolute: /etc of the host?
+    os.symlink("../../../../../../../../etc", os.path.join(root, "rel"))  # relative, climbs past /
+    os.symlink("/tmp", os.path.join(root, "tmplink"))            # onto a host bind
+    write(os.path.join(root, "bin/notexec"), "#!/bin/sh\necho should not run\n", 0o644)
+    os.makedirs(os.path.join(root, "data"))
+    write(os.path.join(root, "data/readme"), "image data\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def core_image(core_dir, core_root):
+    return imagetools.make_image(core_root, os.path.join(core_dir, "core.img"))
+
+
+def fresh_image(directory, busybox_root, name):
+    """An hpcrun image with unique content, hence a unique sha256 and plan key."""
+    root = os.path.join(directory, name + "-root")
+    shutil.copytree(busybox_root, root, symlinks=True)
+    write(os.path.join(root, "etc/unique"), uuid.uuid4().hex + "\n")
+    img = imagetools.make_image(root, os.path.join(directory, name + ".img"))
+    shutil.rmtree(root)
+    return img
+
+
+# ============================================================ 1. identity ===
+
+def test_ids_inside_are_the_callers(caller, core_image):
+    # `id -un` / `id -gn` resolve through /etc/passwd and /etc/group: the
+    # image only knows root, so for the test user they come from the entries
+    # hpcrun generates.
+    out = caller.ok(core_image, "sh", "-c", "id -u; id -g; id -un; id -gn").split()
+    assert out == [str(caller.uid), str(caller.gid), caller.name, grp.getgrgid(caller.gid).gr_name]
+
+
+def test_files_written_in_a_bind_belong_to_the_caller(caller, core_dir, core_image):
+    # The uid map is identity: what the program creates is owned by the caller outside.
+    d = private_dir(core_dir, caller)
+    caller.ok("-B", "%s:/out" % d, core_image, "touch", "/out/made-inside")
+    st = os.stat(os.path.join(d, "made-inside"))
+    assert (st.st_uid, st.st_gid) == (caller.uid, caller.gid)
+
+
+# ======================================================= 2. exec in place ===
+
+def test_program_has_the_pid_its_parent_started(caller, core_image):
+    # No fork: the process the launcher (srun, mpirun, here Popen) started is the program.
+    p = caller.popen([caller.hpcrun_bin, core_image, "sh", "-c", "echo $$"])
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert out.strip() == str(p.pid)
+
+
+@pytest.mark.parametrize("code", [0, 1, 42])
+def test_exit_code_passes_through(caller, core_image, code):
+    r = caller.hpcrun(core_image, "sh", "-c", "exit %d" % code)
+    assert r.returncode == code, r.stderr
+    assert r.stderr == ""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGPIPE])
+def test_death_by_signal_is_seen_by_the_parent(caller, core_image, sig):
+    # The parent must see "killed by signal" (returncode -N), not an exit code
+    # 128+N made up by an intermediate process.  SIGPIPE also checks that
+    # Python's "ignore SIGPIPE" is not inherited by the program.
+    p = caller.popen([caller.hpcrun_bin, core_image, "sh", "-c", "kill -%d $$; echo survived" % sig])
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == -sig, (p.returncode, out, err)
+    assert "survived" not in out
+
+
+def test_signal_sent_to_the_pid_reaches_the_program(caller, core_image):
+    p = caller.popen([caller.hpcrun_bin, core_image, "sh", "-c", "echo ready; exec sleep 60"])
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == -signal.SIGTERM
+
+
+def test_inherited_descriptor_survives(caller, core_image):
+    # Launchers hand ranks descriptors (PMI_FD, PMIX sockets); they must still be open inside.
+    r, w = os.pipe()
+    try:
+        p = caller.popen([caller.hpcrun_bin, core_image, "sh", "-c", "echo through-fd-$0 >&%d" % w, "x"],
+                         pass_fds=(w,))
+        os.close(w)
+        w = None
+        p.communicate(timeout=120)
+        data = b""
+        while True:
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(r)
+        if w is not None:
+            os.close(w)
+    assert p.returncode == 0
+    assert data == b"through-fd-x\n"
+
+
+def test_stdin_and_stdout_are_the_callers(caller, core_image):
+    r = caller.hpcrun(core_image, "tr", "a-z", "A-Z", input="hello from the host\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "HELLO FROM THE HOST\n"
+
+
+# =========================================================== 3. privileges ===
+
+def test_setuid_root_program_works_as_setuid_on_the_host(user_caller, euid_prog):
+    # Control for the next tests: outside any container this program does
+    # gain euid 0, so "euid stays the user's" below means something.
+    r = user_caller.run([euid_prog])
+    assert r.stdout.strip() == "ruid=%d euid=0" % user_caller.uid
+
+
+def test_setuid_root_program_in_image_does_not_raise_privileges(user_caller, core_image):
+    out = user_caller.ok(core_image, "/bin/euid")
+    assert out.strip() == "ruid=%d euid=%d" % (user_caller.uid, user_caller.uid)
+    # and the image's shell, through `id`, agrees
+    assert user_caller.ok(core_image, "id", "-u").strip() == str(user_caller.uid)
+
+
+def test_setuid_root_program_from_a_host_bind_does_not_raise_privileges(user_caller, core_image, euid_prog):
+    # A bind is a host filesystem that honours setuid outside: inside it must not.
+    out = user_caller.ok("-B", "%s:/hostbin" % os.path.dirname(euid_prog), core_image, "/hostbin/euid")
+    assert out.strip() == "ruid=%d euid=%d" % (user_caller.uid, user_caller.uid)
+
+
+def test_no_new_privs_is_set(caller, core_image):
+    out = caller.ok(core_image, "grep", "NoNewPrivs", "/proc/self/status")
+    assert out.split() == ["NoNewPrivs:", "1"]
+
+
+# ====================================================== 4. binds and env ===
+
+def test_bind_src_dst_is_read_write(caller, core_dir, core_image):
+    d = private_dir(core_dir, caller)
+    write(os.path.join(d, "in"), "from host\n")
+    out = caller.ok("-B", "%s:/mnt/x" % d, core_image, "sh", "-c", "cat /mnt/x/in; echo from inside > /mnt/x/out")
+    assert out == "from host\n"
+    with open(os.path.join(d, "out")) as f:
+        assert f.read() == "from inside\n"
+
+
+def test_bind_src_only_keeps_the_path(caller, core_dir, core_image):
+    d = private_dir(core_dir, caller)
+    write(os.path.join(d, "f"), "same path\n")
+    assert caller.ok("-B", d, core_image, "cat", os.path.join(d, "f")) == "same path\n"
+
+
+@pytest.mark.parametrize("spec", ["%s:/ro:ro", "%s:ro"])
+def test_bind_ro_is_really_read_only(caller, core_dir, core_image, spec):
+    d = private_dir(core_dir, caller)
+    write(os.path.join(d, "f"), "original\n", 0o666)
+    dst = "/ro" if spec.startswith("%s:/ro") else d
+    r = caller.hpcrun("-B", spec % d, core_image, "sh", "-c",
+                      "cat {0}/f; touch {0}/new && echo created; echo changed > {0}/f && echo wrote; "
+                      "grep -q ' {0} .*ro[,]' /proc/self/mountinfo && echo ro-mount".format(dst))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["original", "ro-mount"], r.stdout
+    assert "Read-only file system" in r.stderr
+    assert sorted(os.listdir(d)) == ["f"]
+    with open(os.path.join(d, "f")) as f:
+        assert f.read() == "original\n"
+
+
+def test_bind_ro_file(caller, core_dir, core_image):
+    d = private_dir(core_dir, caller)
+    f = write(os.path.join(d, "conf"), "v=1\n", 0o666)
+    r = caller.hpcrun("-B", "%s:/etc/app.conf:ro" % f, core_image, "sh", "-c",
+                      "cat /etc/app.conf; echo v=2 > /etc/app.conf && echo wrote")
+    assert r.stdout == "v=1\n"
+    with open(f) as fh:
+        assert fh.read() == "v=1\n"
+
+
+def _two_dirs(caller, core_dir):
+    a, b = private_dir(core_dir, caller), private_dir(core_dir, caller)
+    write(os.path.join(a, "f"), "A\n")
+    write(os.path.join(b, "f"), "B\n")
+    return a, b
+
+
+def test_bind_comma_list(caller, core_dir, core_image):
+    a, b = _two_dirs(caller, core_dir)
+    out = caller.ok("-B", "%s:/a,%s:/b:ro" % (a, b), core_image, "cat", "/a/f", "/b/f")
+    assert out == "A\nB\n"
+
+
+def test_bind_attached_short_option(caller, core_dir, core_image):
+    a, b = _two_dirs(caller, core_dir)
+    assert caller.ok("-B%s:/a" % a, "--bind=%s:/b" % b, core_image, "cat", "/a/f", "/b/f") == "A\nB\n"
+
+
+def test_hpcrun_bind_environment_variable(caller, core_dir, core_image):
+    a, b = _two_dirs(caller, core_dir)
+    out = caller.ok(core_image, "cat", "/a/f", "/b/f", env={"HPCRUN_BIND": "%s:/a, %s:/b" % (a, b)})
+    assert out == "A\nB\n"
+
+
+def test_later_bind_of_the_same_destination_wins(caller, core_dir, core_image):
+    a, b = _two_dirs(caller, core_dir)
+    assert caller.ok("-B", "%s:/x" % a, "-B", "%s:/x" % b, core_image, "cat", "/x/f") == "B\n"
+
+
+def test_default_working_directory_is_the_callers(caller, core_dir, core_image):
+    d = private_dir(core_dir, caller)
+    write(os.path.join(d, "here"), "cwd bound\n")
+    assert caller.ok(core_image, "sh", "-c", "pwd; cat here", cwd=d) == "%s\ncwd bound\n" % d
+
+
+def test_pwd(caller, core_dir, core_image):
+    d = private_dir(core_dir, caller)
+    out = caller.ok("-B", "%s:/work" % d, "--pwd", "/work", core_image, "sh", "-c", "pwd; echo $PWD; touch rel")
+    assert out.split() == ["/work", "/work"]
+    assert os.path.exists(os.path.join(d, "rel"))
+    assert caller.ok("--pwd", "/data", core_image, "cat", "readme") == "image data\n"
+
+
+def test_env_sources_and_precedence(caller, core_dir, core_image):
+    # Later wins: image's /.hpcrun/env < HPCRUN_ENV_* < --env-file < --env.
+    envfile = write(os.path.join(core_dir, "env-%s" % caller.name),
+                    "# comment\n\nexport FROM_FILE='quoted value'\nLEVEL=file\nOVER_IMAGE=file\n")
+    out = caller.ok("--env-file", envfile, "--env", "LEVEL=option", "--env", "EXPANDED=${IMAGE_VAR}-x",
+                    core_image, "sh", "-c",
+                    'echo "$FROM_FILE|$LEVEL|$OVER_IMAGE|$FROM_PREFIX|$EXPANDED|$IMAGE_VAR"; env',
+                    env={"HPCRUN_ENV_LEVEL": "prefix", "HPCRUN_ENV_FROM_PREFIX": "p", "FROM_HOST": "h"})
+    first, rest = out.split("\n", 1)
+    assert first == "quoted value|option|file|p|from-image-x|from-image"
+    names = {line.split("=", 1)[0] for line in rest.splitlines()}
+    assert "FROM_HOST" in names                                         # host env passes by default
+    assert not any(n.startswith("HPCRUN_ENV_") for n in names)          # the carrier variables do not
+    assert "HPCRUN_CONTAINER" in names
+
+
+def test_image_path_is_reset(caller, core_image):
+    # PATH is the image's, not the host's (which names host directories).
+    out = caller.ok(core_image, "sh", "-c", "echo $PATH", env={"PATH": "/host/only:/usr/bin:/bin"})
+    assert out.strip() == "/bin:/usr/bin"
+
+
+def test_cleanenv(caller, core_image):
+    env = {"FROM_HOST": "h", "SLURM_JOB_ID": "123", "PMI_RANK": "0", "TERM": "xterm"}
+    out = caller.ok("--cleanenv", "--env", "ASKED=1", core_image, "env", env=env)
+    got = dict(line.split("=", 1) for line in out.splitlines())
+    assert "FROM_HOST" not in got
+    assert got["SLURM_JOB_ID"] == "123" and got["PMI_RANK"] == "0"    # launcher wiring survives
+    assert got["HOME"] == caller.home and got["TERM"] == "xterm"
+    assert got["ASKED"] == "1"
+    # control: without --cleanenv the variable does pass
+    assert "FROM_HOST=h" in caller.ok(core_image, "env", env=env).splitlines()
+
+
+def test_deny_list_is_dropped_and_shown_by_dry_run(caller, core_image):
+    env = {"LD_PRELOAD": "", "LD_LIBRARY_PATH": "/nonexistent/host/lib", "PYTHONPATH": "/host/py"}
+    out = caller.ok(core_image, "env", env=env)
+    names = {line.split("=", 1)[0] for line in out.splitlines()}
+    assert not names & {"LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH"}
+    plan = caller.dry_run(core_image, "env", env=env)
+    assert {"LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH"} <= set(plan["env"]["dropped"])
+    assert not {"LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH"} & set(plan["env"]["set"])
+
+
+def test_explicit_env_may_still_set_a_denied_name(caller, core_image):
+    # The deny list is about leaking the *host's* values; asking for one explicitly is allowed.
+    out = caller.ok("--env", "LD_LIBRARY_PATH=/opt/lib", core_image, "sh", "-c", "echo $LD_LIBRARY_PATH",
+                    env={"LD_LIBRARY_PATH": "/host/lib"})
+    assert out.strip() == "/opt/lib"
+
+
+def test_no_home(caller, core_image):
+    marker = os.path.join(caller.home, ".hpcrun-core-marker")
+    write(marker, "home\n")
+    os.chown(marker, caller.uid, caller.gid)
+    try:
+        # run from / so that the current directory (the home) is not bound on its own
+        assert caller.ok(core_image, "cat", marker, cwd="/") == "home\n"
+        r = caller.hpcrun("--no-home", core_image, "cat", marker, cwd="/")
+        assert r.returncode != 0 and r.stdout == ""
+        plan = caller.dry_run("--no-home", core_image, "true", cwd="/")
+        assert not [b for b in plan["binds"] if b["src"] == caller.home]
+    finally:
+        os.unlink(marker)
+
+
+# ================================================ 5. binds through links ===
+
+@pytest.mark.parametrize("link", ["evil", "rel"])
+def test_bind_through_image_symlink_stays_inside_the_image(caller, core_dir, core_image, link):
+    # The image has /evil -> /etc and /rel -> ../../../../etc.  Resolved
+    # inside the image both mean the image's /etc; the host's /etc must not
+    # get a new entry, and the bind must show at the image's /etc.
+    probe = "hpcrun-core-probe-%s" % uuid.uuid4().hex[:8]
+    d = private_dir(core_dir, caller)
+    write(os.path.join(d, "f"), "bound\n")
+    r = caller.hpcrun("-B", "%s:/%s/%s" % (d, link, probe), core_image, "cat", "/etc/%s/f" % probe)
+    assert not os.path.lexists("/etc/" + probe), "bind destination created on the host"
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "bound\n"
+
+
+def test_bind_of_a_file_through_image_symlink(caller, core_dir, core_image):
+    # /evil/passwd-probe -> image /etc: a file destination is created in the
+    # overlay, never as /etc/<probe> on the host.
+    probe = "hpcrun-core-file-%s" % uuid.uuid4().hex[:8]
+    d = private_dir(core_dir, caller)
+    f = write(os.path.join(d, "f"), "file bound\n")
+    r = caller.hpcrun("-B", "%s:/evil/%s" % (f, probe), core_image, "cat", "/etc/" + probe)
+    assert not os.path.lexists("/etc/" + probe)
+    assert (r.returncode, r.stdout) == (0, "file bound\n"), r.stderr
+
+
+def test_bind_through_symlink_onto_a_host_bind_creates_nothing_on_the_host(caller, core_dir, core_image):
+    # /tmplink -> /tmp, and /tmp is the host's /tmp (default bind): a missing
+    # destination there would have to be made on the host.  hpcrun refuses.
+    probe = "hpcrun-core-probe-%s" % uuid.uuid4().hex[:8]
+    d = private_dir(core_dir, caller)
+    r = caller.hpcrun("-B", "%s:/tmplink/%s" % (d, probe), core_image, "true")
+    assert not os.path.lexists("/tmp/" + probe), "bind destination created on the host"
+    assert_one_error(r, errors.USAGE, "host filesystem")
+
+
+# ================================================================ 6. errors ===
+
+def _copy(src, directory, name, mode=0o644):
+    dst = os.path.join(directory, name)
+    shutil.copyfile(src, dst)
+    os.chmod(dst, mode)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def bad(core_dir, core_image, busybox_squashfs):
+    """Broken inputs, world-readable unless the case is about readability."""
+    d = os.path.join(core_dir, "bad")
+    os.mkdir(d, 0o755)
+    p = {"dir": d}
+    p["missing"] = os.path.join(d, "no-such.img")
+    p["text"] = write(os.path.join(d, "text.img"), "this is a text file, not an image\n")
+    rnd = random.Random(1234)
+    with open(os.path.join(d, "random.img"), "wb") as f:
+        f.write(bytes(rnd.getrandbits(8) for _ in range(65536)))
+    p["random"] = os.path.join(d, "random.img")
+    p["empty"] = write(os.path.join(d, "empty.img"), "")
+    size = os.path.getsize(core_image)
+    p["truncated"] = _copy(core_image, d, "truncated.img")
+    os.truncate(p["truncated"], size // 2)
+    p["truncated_sqfs"] = _copy(busybox_squashfs, d, "truncated.sqfs")
+    os.truncate(p["truncated_sqfs"], os.path.getsize(busybox_squashfs) // 2)
+    p["version"] = _copy(core_image, d, "version2.img")
+    with open(p["version"], "r+b") as f:
+        head = f.read(4096)
+        assert b"\nHPCRUN-IMAGE 1 " in head
+        f.seek(0)
+        f.write(head.replace(b"\nHPCRUN-IMAGE 1 ", b"\nHPCRUN-IMAGE 2 ", 1))
+    p["unreadable"] = _copy(core_image, d, "unreadable.img", 0o000)
+    p["sif_empty"] = _copy(os.path.join(SIF_DIR, "empty.sif"), d, "empty.sif")
+    p["sif_json"] = _copy(os.path.join(SIF_DIR, "one-object-generic-json.sif"), d, "json.sif")
+    p["sif_truncated"] = _copy(os.path.join(SIF_DIR, "one-group.sif"), d, "truncated.sif")
+    os.truncate(p["sif_truncated"], 36864 + 100)      # partition starts at 36864
+    p["secret"] = os.path.join(d, "secret")           # forbidden by the site config
+    os.mkdir(p["secret"], 0o755)
+    os.mkdir(os.path.join(p["secret"], "sub"), 0o755)
+    os.symlink(p["secret"], os.path.join(d, "secret-link"))
+    p["conf"] = write(os.path.join(d, "hpcrun.conf"), "# test site\nforbid_bind = /nonexistent, %s\n" % p["secret"])
+    p["unreadable_file"] = write(os.path.join(d, "unreadable-file"), "x\n", 0o000)
+    p["envfile_bad"] = write(os.path.join(d, "bad.env"), "GOOD=1\nthis line is not an assignment\n")
+    return p
+
+
+# (id, hpcrun args built from (bad, image), exit code, message fragment, who)
+ERROR_CASES = [
+    ("image-missing", lambda b, img: [b["missing"], "true"], errors.NOINPUT, "image not found", "both"),
+    ("image-unreadable", lambda b, img: [b["unreadable"], "true"], errors.NOINPUT, "not readable", "user"),
+    ("not-an-image-text", lambda b, img: [b["text"], "true"], errors.DATA, "not an image", "both"),
+    ("not-an-image-random", lambda b, img: [b["random"], "true"], errors.DATA, "not an image", "both"),
+    ("not-an-image-empty", lambda b, img: [b["empty"], "true"], errors.DATA, "empty", "both"),
+    ("image-is-a-device", lambda b, img: ["/dev/null", "true"], errors.DATA, "not an image", "both"),
+    ("truncated-image", lambda b, img: [b["truncated"], "true"], errors.DATA, "truncated", "both"),
+    ("truncated-squashfs", lambda b, img: [b["truncated_sqfs"], "true"], errors.DATA, "truncated", "both"),
+    ("unsupported-version", lambda b, img: [b["version"], "true"], errors.DATA, "version 2", "both"),
+    ("sif-without-partition", lambda b, img: [b["sif_empty"], "true"], errors.DATA, "no primary", "both"),
+    ("sif-json-object-only", lambda b, img: [b["sif_json"], "true"], errors.DATA, "no primary", "both"),
+    ("sif-truncated", lambda b, img: [b["sif_truncated"], "true"], errors.DATA, "truncated", "both"),
+    ("command-not-found", lambda b, img: [img, "no-such-command"], errors.NOTFOUND, "not found", "both"),
+    ("command-not-found-abs", lambda b, img: [img, "/bin/no-such"], errors.NOTFOUND, "not found", "both"),
+    ("command-not-executable", lambda b, img: [img, "/bin/notexec"], errors.NOTEXEC, "not executable", "both"),
+    ("command-is-a-directory", lambda b, img: [img, "/etc"], errors.NOTEXEC, "not executable", "both"),
+    ("bind-source-missing", lambda b, img: ["-B", b["missing"] + ":/x", img, "true"], errors.NOINPUT,
+     "bind source not found", "both"),
+    ("bind-source-unreadable", lambda b, img: ["-B", b["unreadable_file"] + ":/x", img, "true"], errors.NOINPUT,
+     "bind source", "user"),
+    ("bind-too-many-fields", lambda b, img: ["-B", "a:b:c:d", img, "true"], errors.USAGE, "malformed bind", "both"),
+    ("bind-empty-source", lambda b, img: ["-B", ":/x", img, "true"], errors.USAGE, "malformed bind", "both"),
+    ("bind-bad-mode", lambda b, img: ["-B", "/tmp:/x:rx", img, "true"], errors.USAGE, "mode", "both"),
+    ("bind-relative-destination", lambda b, img: ["-B", "/tmp:../../x", img, "true"], errors.USAGE,
+     "absolute", "both"),
+    ("bind-destination-escapes", lambda b, img: ["-B", "/tmp:/../../x", img, "true"], errors.NOPERM,
+     "escapes", "both"),
+    ("bind-destination-escapes-env", lambda b, img: [img, "true"], errors.NOPERM, "escapes", "both"),
+    ("bind-forbidden", lambda b, img: ["-B", b["secret"] + ":/s", img, "true"], errors.NOPERM, "forbidden", "both"),
+    ("bind-forbidden-subdir", lambda b, img: ["-B", b["secret"] + "/sub:/s", img, "true"], errors.NOPERM,
+     "forbidden", "both"),
+    ("bind-forbidden-via-symlink", lambda b, img: ["-B", b["dir"] + "/secret-link:/s", img, "true"],
+     errors.NOPERM, "forbidden", "both"),
+    ("option-after-image", lambda b, img: [img, "--bind", "/tmp", "true"], errors.USAGE, "before IMAGE", "both"),
+    ("option-after-image-eq", lambda b, img: [img, "--env=A=1", "true"], errors.USAGE, "before IMAGE", "both"),
+    ("unknown-option", lambda b, img: ["--frobnicate", img, "true"], errors.USAGE, "unknown option", "both"),
+    ("missing-image", lambda b, img: ["--cleanenv"], errors.USAGE, "missing IMAGE", "both"),
+    ("missing-command", lambda b, img: [img], errors.USAGE, "missing COMMAND", "both"),
+    ("option-needs-value", lambda b, img: ["-B"], errors.USAGE, "needs a value", "both"),
+    ("malformed-env", lambda b, img: ["--env", "1BAD=x", img, "true"], errors.USAGE, "--env", "both"),
+    ("env-file-missing", lambda b, img: ["--env-file", b["missing"], img, "true"], errors.NOINPUT, "env file",
+     "both"),
+    ("env-file-bad-line", lambda b, img: ["--env-file", b["envfile_bad"], img, "true"], errors.USAGE,
+     "line 2", "both"),
+    ("pwd-missing-inside", lambda b, img: ["--pwd", "/no/such/dir", img, "true"], errors.NOINPUT,
+     "working directory", "both"),
+    ("bad-mpi-value", lambda b, img: ["--mpi", "maybe", img, "true"], errors.USAGE, "--mpi", "both"),
+]
+
+
+def _error_params():
+    out = []
+    for case in ERROR_CASES:
+        for who in ("root", "user"):
+            if case[4] in ("both", who):
+                out.append(pytest.param(case, who, id="%s-%s" % (case[0], who)))
+    return out
+
+
+@pytest.mark.parametrize("case,who", _error_params())
+def test_error(request, bad, core_image, case, who):
+    name, args, code, fragment, _ = case
+    c = request.getfixturevalue(who + "_caller")
+    env = {"HPCRUN_CONF": bad["conf"], "HPCRUN_LINGER": "0"}
+    if name == "bind-destination-escapes-env":
+        env["HPCRUN_BIND"] = "/tmp:/a/../../../x"
+    image_paths = [p for p in (core_image,) + tuple(v for v in bad.values() if isinstance(v, str))]
+    mounts_before = [l for p in image_paths for l in host_mounts(p)] + host_mounts(c.run_dir + "/")
+    r = c.hpcrun(*args(bad, core_image), env=env)
+    assert_one_error(r, code, fragment)
+    assert r.stdout == ""
+    # Nothing left behind: no mount on the host naming the image or run dir,
+    # and no keeper (whose namespace holds the container's mounts) survives.
+    assert [l for p in image_paths for l in host_mounts(p)] + host_mounts(c.run_dir + "/") == mounts_before
+    assert eventually(lambda: not keepers_of(core_image) and not keepers_of(bad["dir"])), \
+        "a keeper outlived its only user"
+
+
+def test_errors_are_reported_once_and_plainly_under_a_pipe(root_caller, core_image):
+    # A closed stdout must not turn --dry-run into an internal error with a traceback.
+    p = root_caller.popen([root_caller.hpcrun_bin, "--dry-run", core_image, "true"], stdout=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read()
+    p.wait(timeout=60)
+    assert "Traceback" not in err
+    assert "internal error" not in err, err
+
+
+# =========================================================== 7. image kinds ===
+
+@pytest.mark.parametrize("kind", ["hpcrun", "squashfs", "dir"])
+def test_image_kinds(caller, busybox_image, busybox_squashfs, busybox_root, kind):
+    img = {"hpcrun": busybox_image, "squashfs": busybox_squashfs, "dir": busybox_root}[kind]
+    out = caller.ok(img, "sh", "-c", "head -1 /etc/os-release; echo $HPCRUN_CONTAINER; echo $IMAGE_VAR")
+    assert out.splitlines() == ['PRETTY_NAME="hpcrun test image (busybox)"', img, "from-image"]
+    assert caller.dry_run(img, "true")["image"]["kind"] == kind
+
+
+def test_directory_image_is_read_only(caller, busybox_root):
+    # A sandbox is the host's directory: the program must not change it.
+    r = caller.hpcrun(busybox_root, "sh", "-c", "touch /bin/new-file && echo created; echo x > /etc/os-release")
+    assert "created" not in r.stdout
+    assert not os.path.exists(os.path.join(busybox_root, "bin/new-file"))
+    with open(os.path.join(busybox_root, "etc/os-release")) as f:
+        assert f.read().startswith("PRETTY_NAME=")
+
+
+@pytest.mark.parametrize("sif", ["one-group.sif", "two-groups.sif", "one-group-signed-pgp.sif",
+                                 "one-group-signed-dsse.sif"])
+def test_sif(caller, core_dir, sif):
+    # Real SIF files from the SIF reference tooling; their SquashFS holds only
+    # /hello.txt, so busybox is bound in as /bin/cat (busybox picks the applet by name).
+    path = os.path.join(core_dir, "kinds-" + sif)
+    if not os.path.exists(path):
+        _copy(os.path.join(SIF_DIR, sif), core_dir, "kinds-" + sif)
+    out = caller.ok("-B", "%s:/bin/cat" % BUSYBOX, path, "/bin/cat", "/hello.txt")
+    assert out == SIF_HELLO
+    plan = caller.dry_run(path, "true")
+    assert (plan["image"]["kind"], plan["image"]["offset"]) == ("sif", 36864)
+
+
+def test_executable_image_runs_its_runscript(caller, core_dir, busybox_root, hpcrun_bin):
+    # The header's first line is `#!/usr/bin/env -S hpcrun run`: ./img ARGS runs the runscript.
+    d = private_dir(core_dir, caller)
+    img = imagetools.make_image(busybox_root, os.path.join(d, "app.img"))
+    os.chmod(img, 0o755)
+    with open(img, "rb") as f:
+        assert f.readline() == b"#!/usr/bin/env -S hpcrun run\n"
+    path = "%s:/usr/bin:/bin" % os.path.dirname(hpcrun_bin)
+    r = caller.run(["./app.img", "one", "two words"], env={"PATH": path}, cwd=d)
+    assert (r.returncode, r.stdout) == (0, "runscript says one two words\n"), r.stderr
+    # the same, spelled out
+    assert caller.ok("run", img, "x") == "runscript says x\n"
+    # exit status and signals of the runscript pass through the shebang too
+    r = caller.run([img, "ok"], env={"PATH": path}, cwd="/")
+    assert r.stdout == "runscript says ok\n"
+
+
+def test_run_without_runscript(caller, core_dir):
+    root = os.path.join(core_dir, "norunscript-root")
+    if not os.path.exists(root):
+        imagetools.make_busybox_root(root)
+    img = os.path.join(core_dir, "norunscript.sqfs")
+    if not os.path.exists(img):
+        imagetools.mksquashfs(root, img)
+    r = caller.hpcrun("run", img)
+    assert_one_error(r, errors.NOTFOUND, "runscript")
+
+
+# ============================================================== 8. dry-run ===
+
+def test_dry_run_prints_the_plan(caller, core_dir, core_image):
+    d = private_dir(core_dir, caller)
+    env = {"LD_PRELOAD": "", "LD_LIBRARY_PATH": "/host/lib", "HPCRUN_ENV_FROM_PREFIX": "p"}
+    plan = caller.dry_run("-B", "%s:/in:ro" % d, "--env", "K=V", "--pwd", "/in", core_image, "prog", "a b",
+                          env=env)
+    assert plan["image"]["path"] == core_image and plan["image"]["kind"] == "hpcrun"
+    assert plan["argv"] == ["prog", "a b"]
+    assert plan["cwd"] == "/in"
+    assert (plan["uid"], plan["gid"], plan["userns"]) == (caller.uid, caller.gid, caller.uid != 0)
+    user_binds = [b for b in plan["binds"] if b["why"] == "user"]
+    assert [(b["src"], b["dst"], b["ro"]) for b in user_binds] == [(d, "/in", True)]
+    assert {"/dev", "/proc", "/sys", "/tmp"} <= {b["dst"] for b in plan["binds"]}
+    assert plan["env"]["user"] == {"FROM_PREFIX": "p", "K": "V"}
+    assert {"LD_PRELOAD", "LD_LIBRARY_PATH"} <= set(plan["env"]["dropped"])
+    assert plan["env"]["set"]["HPCRUN_CONTAINER"] == core_image
+    assert plan["image_meta"].get("runscript") == ["/bin/echo", "runscript says"]
+    assert len(plan["key"]) == 24
+    # nothing was started for it
+    assert not os.path.exists(os.path.join(caller.run_dir, plan["key"] + ".pid"))
+    assert not keepers_of(core_image + " ") or True   # other tests' keepers may linger; the record is what counts
+
+
+def test_dry_run_validates_like_a_launch(caller, bad, core_image):
+    # --dry-run must refuse what a launch would refuse (same codes).
+    r = caller.hpcrun("--dry-run", bad["truncated"], "true")
+    assert_one_error(r, errors.DATA)
+    r = caller.hpcrun("--dry-run", "-B", "a:b:c:d", core_image, "true")
+    assert_one_error(r, errors.USAGE)
+
+
+# ==================================================== 9. the node container ===
+
+def _key(caller, image, *args, cwd=None, env=None):
+    return caller.dry_run(*args, image, "true", cwd=cwd, env=env)["key"]
+
+
+def _run_dir_entries(caller, key):
+    try:
+        return sorted(n for n in os.listdir(caller.run_dir) if n.startswith(key))
+    except FileNotFoundError:
+        return []
+
+
+def test_container_workspace_is_not_visible_inside(caller, core_dir, busybox_root):
+    # The keeper's workspace (run_dir/<key>.d: image mount, overlay, upper
+    # layer) is node plumbing.  The default /tmp bind must not carry copies
+    # of those mounts into the container.
+    img = fresh_image(private_dir(core_dir, caller), busybox_root, "ws")
+    key = _key(caller, img, cwd="/")
+    out = caller.ok(img, "cat", "/proc/self/mountinfo", cwd="/", env={"HPCRUN_LINGER": "0"})
+    mount_points = [line.split()[4] for line in out.splitlines()]
+    leaked = [m for m in mount_points if m.startswith(caller.run_dir + "/")]
+    assert leaked == [], "container sees its own workspace mounts: %s" % leaked[:5]
+
+
+@pytest.mark.parametrize("how", ["normal-exit", "keeper-error"])
+def test_run_dir_is_clean_after_the_container_goes(caller, core_dir, busybox_root, how):
+    # After the last process leaves and `linger` passes, the keeper removes
+    # its record, lock and workspace: nothing named after the key remains.
+    d = private_dir(core_dir, caller)
+    img = fresh_image(d, busybox_root, "clean")
+    if how == "normal-exit":
+        args = (img,)
+        key = _key(caller, img, cwd="/")
+        caller.ok(*args, "true", cwd="/", env={"HPCRUN_LINGER": "0"})
+    else:
+        # a bind of a directory onto an image file: refused inside the keeper, after it mounted things
+        args = ("-B", "%s:/etc/os-release" % d, img)
+        key = _key(caller, img, *args[:2], cwd="/")
+        r = caller.hpcrun(*args, "true", cwd="/", env={"HPCRUN_LINGER": "0"})
+        assert_one_error(r, errors.USAGE, "directory")
+    assert eventually(lambda: not keepers_of(img)), "keeper did not exit"
+    assert _run_dir_entries(caller, key) == []
+
+
+def test_keeper_is_shared_and_goes_away(user_caller, core_dir, busybox_root):
+    # Two overlapping launches with the same plan share one container (same
+    # mount namespace); when both are gone the keeper exits.
+    c = user_caller
+    img = fresh_image(private_dir(core_dir, c), busybox_root, "shared")
+    env = {"HPCRUN_LINGER": "0"}
+    first = c.popen([c.hpcrun_bin, img, "sh", "-c", "readlink /proc/self/ns/mnt; read x"], env=env,
+                    stdin=subprocess.PIPE, cwd="/")
+    try:
+        ns1 = first.stdout.readline().strip()
+        ns2 = c.ok(img, "readlink", "/proc/self/ns/mnt", env=env, cwd="/").strip()
+        assert ns1 and ns1 == ns2
+        assert len(keepers_of(img)) == 1
+    finally:
+        first.communicate("\n", timeout=60)
+    assert first.returncode == 0
+    assert eventually(lambda: not keepers_of(img))
+
+
+N_RANKS = 256
+
+
+def test_many_ranks_at_once_share_one_container(user_caller, core_dir, busybox_root, tmp_path):
+    # 256 hpcrun processes started together on one (fresh) image, as the
+    # unprivileged user: all succeed, all run in the same mount namespace, and
+    # the node holds one keeper, one squashfuse and one staged payload.
+    c = user_caller
+    d = private_dir(core_dir, c)
+    img = fresh_image(d, busybox_root, "many")
+    with open(img, "rb") as f:
+        f.readline()
+        digest = f.readline().split()[4].decode()
+    env = {"HPCRUN_LINGER": "0"}
+    outs = []
+    procs = []
+    # rank 0 stays inside (blocked on stdin) so the container can be counted
+    # after the others are done; any rank may be the one that creates it.
+    anchor_at = N_RANKS // 2
+    try:
+        for i in range(N_RANKS):
+            out = open(tmp_path / ("out.%d" % i), "w+")
+            outs.append(out)
+            if i == anchor_at:
+                cmd = [c.hpcrun_bin, img, "sh", "-c", "readlink /proc/self/ns/mnt; read x"]
+                procs.append(c.popen(cmd, env=env, cwd="/", stdin=subprocess.PIPE, stdout=out,
+                                     stderr=subprocess.STDOUT))
+            else:
+                cmd = [c.hpcrun_bin, img, "readlink", "/proc/self/ns/mnt"]
+                procs.append(c.popen(cmd, env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=subprocess.STDOUT))
+        codes = [p.wait(timeout=180) for i, p in enumerate(procs) if i != anchor_at]
+        assert eventually(lambda: os.path.getsize(outs[anchor_at].name) > 0, 60)
+        texts = []
+        for o in outs:
+            o.seek(0)
+            texts.append(o.read())
+        failed = [(i, t) for i, t in enumerate(texts) if i != anchor_at and codes[i - (i > anchor_at)] != 0]
+        assert failed == [], "%d ranks failed, first: %r" % (len(failed), failed[:3])
+        namespaces = {t.strip() for t in texts}
+        assert len(namespaces) == 1 and next(iter(namespaces)).startswith("mnt:["), namespaces
+
+        keepers = keepers_of(img)
+        assert len(keepers) == 1, keepers
+        assert os.readlink("/proc/%d/ns/mnt" % keepers[0]) == namespaces.pop()
+        key = _key(c, img, cwd="/")
+        assert _run_dir_entries(c, key)[:3] == [key + ".d", key + ".lock", key + ".pid"][:3]
+        staged = [n for n in os.listdir(os.path.join(c.run_dir, "stage")) if digest in n and n.endswith(".sqfs")]
+        assert len(staged) == 1, staged
+        fuse = [pid for pid, cmd in processes("squashfuse_ll") + processes("squashfuse")
+                if digest in cmd or img in cmd]
+        assert len(fuse) == 1, fuse
+    finally:
+        for i, p in enumerate(procs):
+            if i == anchor_at:
+                try:
+                    p.communicate("\n", timeout=60)
+                except Exception:
+                    p.kill()
+            elif p.poll() is None:
+                p.kill()
+            p.wait()
+        for o in outs:
+            o.close()
+    # the last rank gone, the keeper leaves and takes the staged payload with it
+    assert eventually(lambda: not keepers_of(img), 60)
+    assert [n for n in os.listdir(os.path.join(c.run_dir, "stage")) if digest in n] == []
