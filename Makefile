@@ -34,12 +34,15 @@ $(STAMP): deps setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test,bench]' --config-settings editable_mode=compat
+	@# Unprivileged users cannot write __pycache__ here: compile now, or every rank recompiles.
+	$(VENV)/bin/python -m compileall -q hpcrun >/dev/null
 	@touch $@
 
 plugins: deps
 	$(MAKE) -C plugins/slurm
 
 test: venv plugins
+	$(VENV)/bin/python -m compileall -q hpcrun >/dev/null
 	$(VENV)/bin/python -m pytest -q tests
 
 demo: venv

@@ -103,7 +103,8 @@ def parse(argv, mode):
         if not o.command:
             raise errors.Error(errors.USAGE, "missing COMMAND after the image", o.image)
         first = o.command[0]
-        if first in _WITH_VALUE or first in _FLAGS or first.split("=")[0] in _WITH_VALUE:
+        if (first in _WITH_VALUE or first in _FLAGS or first.split("=")[0] in _WITH_VALUE
+                or (first[:2] == "-B" and len(first) > 2)):
             raise errors.Error(errors.USAGE, "hpcrun option after the image name; put options before IMAGE",
                                first)
     elif mode == "run":
@@ -117,23 +118,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv[:argv.index("--")] if "--" in argv else "--debug" in argv
     try:
-        if os.environ.get("HPCRUN_TASK_ARGV0") is not None and argv[:1] != ["task-entry"]:
-            return _sub("task-entry", argv)
-        if not argv or argv[0] in ("-h", "--help", "help"):
-            print(USAGE)
-            return 0 if argv else errors.USAGE
-        if argv[0] in ("version", "--version"):
-            from hpcrun import VERSION
-            print("hpcrun %s" % VERSION)
-            return 0
-        if argv[0] in ("exec", "run", "shell"):
-            mode, rest = argv[0], argv[1:]
-        elif argv[0] in SUBCOMMANDS:
-            return _sub(argv[0], argv[1:])
-        else:
-            mode, rest = "exec", argv
-        from hpcrun import launch
-        return launch.launch(parse(rest, mode))
+        code = _dispatch(argv)
+        sys.stdout.flush()       # a reader that left shows up here, not at interpreter exit
+        return code
     except errors.Error as e:
         if debug:
             import traceback
@@ -142,11 +129,46 @@ def main(argv=None):
         return e.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _stdout_gone()
     except Exception as e:
         if debug:
             raise
         sys.stderr.write("hpcrun: error: internal error: %s: %s (rerun with --debug)\n" % (type(e).__name__, e))
         return errors.SOFTWARE
+
+
+def _dispatch(argv):
+    if os.environ.get("HPCRUN_TASK_ARGV0") is not None and argv[:1] != ["task-entry"]:
+        return _sub("task-entry", argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else errors.USAGE
+    if argv[0] in ("version", "--version"):
+        from hpcrun import VERSION
+        print("hpcrun %s" % VERSION)
+        return 0
+    if argv[0] in ("exec", "run", "shell"):
+        mode, rest = argv[0], argv[1:]
+    elif argv[0] in SUBCOMMANDS:
+        return _sub(argv[0], argv[1:])
+    else:
+        mode, rest = "exec", argv
+    from hpcrun import launch
+    return launch.launch(parse(rest, mode))
+
+
+def _stdout_gone():
+    """stdout's reader left early (`hpcrun --dry-run IMG | head`): not a bug of
+    ours.  Point stdout at /dev/null so the interpreter's last flush is quiet,
+    and exit as a shell reports a writer killed by SIGPIPE."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError):
+        pass
+    return 128 + 13
 
 
 def _sub(name, argv):

@@ -10,11 +10,10 @@ an error even when the node could mount it.
 """
 import os
 import stat
-import struct
 
-from hpcrun import errors, imagefile, sif
+from hpcrun import errors, imagefile
 
-_SUPER = struct.Struct("<4sIIIIHHHHHHQQ")   # SquashFS superblock, first 56 bytes
+SIF_MAGIC_AT = (32, b"SIF_MAGIC\0")          # sif.py is imported only for SIF files
 
 
 class Image:
@@ -83,7 +82,8 @@ def open_image(path):
             img.kind, img.offset, img.size = "hpcrun", h.offset, h.size
             img.digest, img.meta_raw = h.sha256, h.meta_raw
             img.ident = "sha256:" + h.sha256
-        elif sif.is_sif(first):
+        elif first[SIF_MAGIC_AT[0]:SIF_MAGIC_AT[0] + len(SIF_MAGIC_AT[1])] == SIF_MAGIC_AT[1]:
+            from hpcrun import sif
             img.kind = "sif"
             img.offset, img.size = sif.primary_partition(path, fd, st.st_size)
         elif first[:4] == imagefile.SQUASHFS_MAGIC:
@@ -92,7 +92,7 @@ def open_image(path):
             raise errors.Error(errors.DATA, "not an image: empty file", path)
         else:
             raise errors.Error(errors.DATA, "not an image: unknown format", path)
-        _check_superblock(path, os.pread(fd, _SUPER.size, img.offset), img.size)
+        _check_superblock(path, os.pread(fd, 48, img.offset), img.size)
     finally:
         os.close(fd)
     if img.kind != "hpcrun":
@@ -103,10 +103,12 @@ def open_image(path):
 def _check_superblock(path, raw, size):
     """A truncated SquashFS must be refused here: the kernel would log I/O
     errors and squashfuse would fail late with EIO."""
-    if len(raw) < _SUPER.size:
+    if len(raw) < 48:
         raise errors.Error(errors.DATA, "truncated image: SquashFS superblock incomplete", path)
-    f = _SUPER.unpack(raw)
-    block_size, major, bytes_used = f[3], f[9], f[12]
+    # superblock fields used: block_size u32 @12, s_major u16 @28, bytes_used u64 @40
+    block_size = int.from_bytes(raw[12:16], "little")
+    major = int.from_bytes(raw[28:30], "little")
+    bytes_used = int.from_bytes(raw[40:48], "little")
     if major != 4 or block_size < 4096 or block_size > (1 << 20):
         raise errors.Error(errors.DATA, "corrupt image: bad SquashFS superblock", path)
     if bytes_used > size:

@@ -27,12 +27,13 @@ dies mid-join holds nothing but a lock fd, which the kernel releases.
 """
 import fcntl
 import os
-import signal
 import time
 
 from hpcrun import errors
 
 NS_FILES = ("user", "mnt")
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
 
 
 # ------------------------------------------------------------------ join ---
@@ -108,7 +109,7 @@ def _start_time(pid):
 
 
 def join(plan, cfg, timing):
-    from hpcrun import linux
+    from hpcrun import rankcalls
     uid = plan["uid"]
     run_dir = run_dir_path(cfg, uid)
     dir_fd = open_run_dir(run_dir, uid)
@@ -126,8 +127,8 @@ def join(plan, cfg, timing):
         fds = [os.open("/proc/%d/ns/%s" % (pid, ns), os.O_RDONLY | os.O_CLOEXEC) for ns in NS_FILES]
         try:
             if plan["userns"]:
-                linux.setns(fds[0], linux.CLONE_NEWUSER)
-            linux.setns(fds[1], linux.CLONE_NEWNS)
+                rankcalls.setns(fds[0], CLONE_NEWUSER)
+            rankcalls.setns(fds[1], CLONE_NEWNS)
         except OSError as e:
             raise errors.Error(errors.OSERR, "cannot join the node's container: %s" % e.strerror, "pid %d" % pid)
         finally:
@@ -182,6 +183,7 @@ def _start_keeper(plan, cfg, dir_fd, run_dir):
 
 def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w):
     """Runs in the keeper process; never returns."""
+    import signal
     code = 0
     st = None
     try:

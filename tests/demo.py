@@ -1,15 +1,15 @@
 """`make demo`: a real MPI job inside an hpcrun image, as an unprivileged user.
 
     1. compile an MPI hello-world on the host (mpicc)
-    2. `hpcrun build` an image from a three-line spec (the program, its
-       libraries and Open MPI's runtime come in by themselves)
-    3. `hpcrun inspect` it
-    4. `mpirun -np 4 hpcrun demo.img /app/hello`
+    2. `hpcrun build` an image from a short spec: the program's libraries
+       and Open MPI's runtime come in by themselves
+    3. `hpcrun inspect` it, 4.-5. look inside it
+    6. `mpirun -np 4 hpcrun demo.img /app/hello`
 
-Steps 1-4 run as the user `hpcrun-demo` (created when run as root), with no
-privilege at all.  Each command is printed before its output.  Work
-directory: /tmp/hpcrun-demo (-USER when not root; remade on every run).  Needs the Debian
-packages and the venv of `make venv`.
+Every step runs as the user `hpcrun-demo` (created when we are root), with no
+privilege at all; each command is printed before its output.  Work directory:
+/tmp/hpcrun-demo (/tmp/hpcrun-demo-USER when not root), remade on every run.
+Needs the Debian packages and the venv that `make venv` installs.
 """
 import os
 import pwd
