@@ -86,7 +86,7 @@ def valid_name(name):
 
 
 def expand(value, env):
-    """$NAME and ${NAME} against env (unset expands to ''), like a shell would."""
+    """$NAME, ${NAME} and ${NAME:-default} against env (unset expands to ''), like a shell would."""
     if "$" not in value:
         return value
     out, i, n = [], 0, len(value)
@@ -101,7 +101,8 @@ def expand(value, env):
             if j < 0:
                 out.append(value[i:])
                 break
-            out.append(env.get(value[i + 2:j], ""))
+            name, sep, default = value[i + 2:j].partition(":-")
+            out.append(env.get(name, "") or (expand(default, env) if sep else ""))
             i = j + 1
             continue
         j = i + 1
