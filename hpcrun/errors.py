@@ -10,7 +10,8 @@ is the table users read; keep the two in step.
 USAGE = 64        # bad command line, malformed bind/env spec
 DATA = 65         # not an image, corrupt, truncated, unsupported version
 NOINPUT = 66      # image, bind source or file missing or unreadable
-MPI_ABI = 68      # host MPI/launcher and image MPI cannot work together
+MPI_ABI = 68      # host libraries and the image cannot work together: MPI ABI/launcher, or
+                  # host MPI/GPU driver libraries needing a newer glibc than the image has
 UNAVAILABLE = 69  # host lacks a feature (user namespaces, FUSE, squashfuse)
 SOFTWARE = 70     # internal error: a bug in hpcrun
 OSERR = 71        # a mount or namespace operation failed

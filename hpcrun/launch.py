@@ -25,6 +25,11 @@ def launch(opts):
     t1 = time.perf_counter()
     namespace.join(plan, cfg, timing)                        # now inside the node's container
     t2 = time.perf_counter()
+    for w in plan.get("warnings", ()):
+        sys.stderr.write("hpcrun: warning: %s\n" % w)
+    if opts.verbose:
+        for n in plan.get("notes", ()):
+            sys.stderr.write("hpcrun: note: %s\n" % n)
     env = environment.final(plan)
     cwd = enter_cwd(plan, env, opts)                        # first: ./solver is relative to it
     argv = command(plan, env)

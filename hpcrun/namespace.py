@@ -173,7 +173,15 @@ def _start_keeper(plan, cfg, dir_fd, run_dir):
         msg += chunk
     os.close(r)
     if msg.startswith(b"ready "):
-        return int(msg.split()[1])
+        # "ready PID" then the keeper's warnings and notes (MPI and GPU wiring
+        # is decided in there), one per line: only this creating rank says them.
+        lines = msg.decode(errors="replace").split("\n")
+        said = {"W": [], "N": []}
+        for line in lines[1:]:
+            kind, _, text = line.partition(" ")
+            said.get(kind, said["N"]).append(text)
+        plan["warnings"], plan["notes"] = said["W"], said["N"]      # the keeper's copy has ours too
+        return int(lines[0].split()[1])
     if msg.startswith(b"error "):
         _, code, text = msg.decode(errors="replace").split(" ", 2)
         what, _, subject = text.partition("\0")
@@ -205,7 +213,8 @@ def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w):
         os.write(fd, record.encode())
         os.close(fd)
         os.rename(tmp, plan["key"] + ".pid", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        os.write(ready_w, b"ready %d" % os.getpid())
+        said = ["W " + w for w in plan.get("warnings", [])] + ["N " + n for n in plan.get("notes", [])]
+        os.write(ready_w, "\n".join(["ready %d" % os.getpid()] + [x.replace("\n", " ") for x in said]).encode())
         os.close(ready_w)
         ready_w = None
         _wait_for_last_user(plan, cfg, dir_fd, st)

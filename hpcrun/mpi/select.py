@@ -241,7 +241,7 @@ def carry_site_mca_params(plan, config):
     both beat the image's own openmpi-mca-params.conf (Open MPI reads the
     environment over its files)."""
     paths = config.getlist("mpi_site_mca_params") or ["/etc/openmpi/openmpi-mca-params.conf"]
-    env_set = plan["env"].setdefault("set", {})
+    env_set = plan.setdefault("env", {}).setdefault("set", {})
     carried = []
     for path in paths:
         try:
