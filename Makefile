@@ -7,7 +7,7 @@ PYTHON   ?= /usr/bin/python3
 VENV     ?= .venv
 APT_PKGS  = squashfs-tools squashfuse fuse3 openmpi-bin libopenmpi-dev busybox-static \
             charliecloud-runtime slurm-wlm slurmctld slurmd slurm-client munge libslurm-dev \
-            libpmix-dev python3-venv python3-dev gcc make util-linux lua5.3 file
+            libpmix-dev python3-venv python3-dev gcc make util-linux lua5.3
 STAMP     = $(VENV)/.installed
 
 .PHONY: all deps venv test demo demo-slurm bench bench-quick plugins clean
@@ -30,7 +30,7 @@ deps: .deps-stamp
 	@touch $@
 
 venv: $(STAMP)
-$(STAMP): deps setup.cfg pyproject.toml
+$(STAMP): .deps-stamp setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test,bench]' --config-settings editable_mode=compat
@@ -38,7 +38,7 @@ $(STAMP): deps setup.cfg pyproject.toml
 	$(VENV)/bin/python -m compileall -q hpcrun >/dev/null
 	@touch $@
 
-plugins: deps
+plugins: .deps-stamp
 	$(MAKE) -C plugins/slurm
 
 test: venv plugins

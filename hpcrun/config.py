@@ -5,7 +5,8 @@ comma list) accumulates for list settings.  Files are read in order:
 hpcrun.conf, then hpcrun.conf.d/*.conf sorted by name, so a site wires MPI,
 fabric or GPU settings as numbered drop-ins (10-mpi.conf, 50-site.conf, ...).
 HPCRUN_CONF names another main file (tests, personal installs).  Only the
-administrator can write these files; users never override a "forbid" setting.
+administrator can write these files; HPCRUN_CONF, for a user, must name a
+root-owned file too, so users never override a "forbid" setting.
 docs/config.md lists every key.
 """
 import os
@@ -64,12 +65,17 @@ class Config:
 
 def load(environ=os.environ):
     main = environ.get("HPCRUN_CONF") or DEFAULT_PATH
+    if environ.get("HPCRUN_CONF") and os.getuid() != 0:
+        _check_trusted(main)
     files = [main]
     dropins = main + ".d"
     try:
         files += [os.path.join(dropins, n) for n in sorted(os.listdir(dropins)) if n.endswith(".conf")]
     except OSError:
         pass
+    if environ.get("HPCRUN_CONF") and os.getuid() != 0:
+        for path in files[1:]:
+            _check_trusted(path)
     values, sources = {}, []
     for path in files:
         try:
@@ -92,3 +98,18 @@ def load(environ=os.environ):
             key = key.strip().lower().replace(" ", "_").replace("-", "_")
             values.setdefault(key, []).append(value.strip())
     return Config(values, sources)
+
+
+def _check_trusted(path):
+    """HPCRUN_CONF may name another config (tests, a second install), but the
+    config holds site policy (forbid_bind, allow_user_binds): for a user it
+    must be the administrator's file, owned by root and writable only by root."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise errors.Error(errors.CONFIG, "config file not found", path)
+    except OSError as e:
+        raise errors.Error(errors.CONFIG, "config file not readable: %s" % e.strerror, path)
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        raise errors.Error(errors.CONFIG, "HPCRUN_CONF must name a file owned and writable only by root "
+                           "(it holds site policy)", path)

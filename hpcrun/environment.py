@@ -23,10 +23,13 @@ DENY = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "LD_DEBUG", "PYTHONPATH", "
 DENY_PREFIXES = ("BASH_FUNC_", "__LMOD", "_ModuleTable", "HPCRUN_ENV_", "HPCRUN_TASK_")
 KEEP_CLEAN = ("HOME", "USER", "LOGNAME", "TERM", "LANG", "TZ", "DISPLAY", "SHELL", "HOSTNAME",
               "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
-# The launcher wiring that must survive --cleanenv (hpcrun.mpi has the full list).
-WIRING_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "ORTE_", "OPAL_", "PRTE_", "SLURM_", "SLURMD_", "SRUN_",
-                   "PBS_", "MPI_LOCAL", "HYDRA_", "I_MPI_", "MPICH_", "UCX_", "FI_", "NCCL_",
-                   "CUDA_", "NVIDIA_", "ROCR_", "HIP_", "LC_")
+# Launcher, fabric, GPU and threading wiring: survives --cleanenv (and is
+# hpcrun.mpi's passthrough list; docs/mpi.md).  Prefixes, matched with startswith.
+WIRING_PREFIXES = (
+    "PMI_", "PMIX_", "OMPI_", "ORTE_", "OPAL_", "PRTE_", "SLURM_", "SLURMD_", "SRUN_", "PBS_", "MPI",
+    "I_MPI_", "HYDRA_", "MV2_", "MPICH_", "UCX_", "FI_", "PSM2_", "PSM3_", "HFI_", "IPATH_", "NCCL_",
+    "CUDA_", "NVIDIA_", "HIP_", "ROCR_", "GPU_DEVICE_ORDINAL", "OMP_", "KMP_", "HWLOC_", "CRAY_", "LC_",
+)
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 

@@ -100,12 +100,32 @@ def _keeper_pid(dir_fd, key):
 
 
 def _start_time(pid):
+    """/proc/PID/stat's start time, or None for a dead process.  A zombie
+    still has its stat (until init reaps it, which can take seconds) but no
+    namespaces left to join: dead too."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    return stat[stat.rindex(b")") + 2:].split()[19]
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return fields[19]
+
+
+def linger_seconds(cfg):
+    """How long a node's container outlives its last process; checked by the
+    rank, before any keeper exists, so a bad value is a config error."""
+    raw = os.environ.get("HPCRUN_LINGER") or cfg.get("linger", "10")
+    try:
+        value = float(raw)
+        if not 0 <= value < 1e9:
+            raise ValueError
+    except ValueError:
+        where = "HPCRUN_LINGER" if os.environ.get("HPCRUN_LINGER") else "linger in the config"
+        raise errors.Error(errors.CONFIG, "linger must be a number of seconds (%s)" % where, raw)
+    return value
 
 
 def join(plan, cfg, timing):
@@ -117,14 +137,24 @@ def join(plan, cfg, timing):
     lock = _lock(dir_fd, key + ".lock", fcntl.LOCK_SH)
     try:
         pid = _keeper_pid(dir_fd, key)
-        if pid is None:
+        fds = _namespaces(pid)
+        if fds is None:                 # none yet, or it just died: start one
             os.close(lock)
             lock = _lock(dir_fd, key + ".lock", fcntl.LOCK_EX)
             pid = _keeper_pid(dir_fd, key)
-            if pid is None:
-                pid = _start_keeper(plan, cfg, dir_fd, run_dir)
+            fds = _namespaces(pid)
+            if fds is None:
+                linger = linger_seconds(cfg)
+                try:
+                    pid = _start_keeper(plan, cfg, dir_fd, run_dir, linger)
+                except BaseException:
+                    _remove(dir_fd, key + ".lock")   # we hold it exclusively: nobody is inside
+                    raise
                 timing.append(("keeper", None))
-        fds = [os.open("/proc/%d/ns/%s" % (pid, ns), os.O_RDONLY | os.O_CLOEXEC) for ns in NS_FILES]
+                fds = _namespaces(pid)
+                if fds is None:
+                    raise errors.Error(errors.OSERR, "the node's container exited right after it started",
+                                       "pid %d" % pid)
         try:
             if plan["userns"]:
                 rankcalls.setns(fds[0], CLONE_NEWUSER)
@@ -139,9 +169,25 @@ def join(plan, cfg, timing):
         os.close(dir_fd)
 
 
+def _namespaces(pid):
+    """Open the keeper's namespace files, or None if it is gone (they pin the
+    namespaces from here on, even if it exits now)."""
+    if pid is None:
+        return None
+    fds = []
+    try:
+        for ns in NS_FILES:
+            fds.append(os.open("/proc/%d/ns/%s" % (pid, ns), os.O_RDONLY | os.O_CLOEXEC))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        return None
+    return fds
+
+
 # ---------------------------------------------------------------- keeper ---
 
-def _start_keeper(plan, cfg, dir_fd, run_dir):
+def _start_keeper(plan, cfg, dir_fd, run_dir, linger):
     """Fork the keeper (double fork) and wait for 'ready' or its error."""
     r, w = os.pipe()
     pid = os.fork()
@@ -158,7 +204,7 @@ def _start_keeper(plan, cfg, dir_fd, run_dir):
                 os.closerange(keep[0] + 1, keep[1])
             os.closerange(keep[-1] + 1, os.sysconf("SC_OPEN_MAX"))
             if os.fork() == 0:                     # the keeper
-                _keeper_main(plan, cfg, dir_fd, run_dir, w)
+                _keeper_main(plan, cfg, dir_fd, run_dir, w, linger)
         except BaseException:
             pass
         finally:
@@ -189,7 +235,7 @@ def _start_keeper(plan, cfg, dir_fd, run_dir):
     raise errors.Error(errors.OSERR, "the node's container keeper failed to start", run_dir)
 
 
-def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w):
+def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w, linger):
     """Runs in the keeper process; never returns."""
     import signal
     code = 0
@@ -206,8 +252,10 @@ def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w):
         # Everything the keeper will ever import must be imported now: after
         # pivot_root its / is the image, without this Python's library.
         from hpcrun import rootfs, stage  # noqa: F401
-        st = rootfs.build(plan, cfg, dir_fd, run_dir)
+        # Before the build: after pivot_root there may be no /proc.
         record = "%d %s\n" % (os.getpid(), _start_time(os.getpid()).decode())
+        proc_fd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = rootfs.build(plan, cfg, dir_fd, run_dir)
         tmp = plan["key"] + ".pid.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         os.write(fd, record.encode())
@@ -217,7 +265,7 @@ def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w):
         os.write(ready_w, "\n".join(["ready %d" % os.getpid()] + [x.replace("\n", " ") for x in said]).encode())
         os.close(ready_w)
         ready_w = None
-        _wait_for_last_user(plan, cfg, dir_fd, st)
+        _wait_for_last_user(plan, dir_fd, st, linger, proc_fd)
     except errors.Error as e:
         code = 1
         if ready_w is not None:
@@ -233,34 +281,35 @@ def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w):
         os._exit(code)
 
 
-def _users_inside(me, skip):
-    """PIDs other than ours and our helpers whose mount namespace is ours."""
+def _users_inside(proc_fd, me, skip):
+    """PIDs other than ours and our helpers whose mount namespace is ours.
+    proc_fd is the host's /proc, opened before pivot_root: the container may
+    have no /proc of its own (default_binds = no)."""
     try:
-        mine = os.readlink("/proc/self/ns/mnt")
+        mine = os.readlink("self/ns/mnt", dir_fd=proc_fd)
     except OSError:
         return True
-    for name in os.listdir("/proc"):
+    for name in os.listdir(proc_fd):
         if not name.isdigit():
             continue
         pid = int(name)
         if pid == me or pid in skip:
             continue
         try:
-            if os.readlink("/proc/%s/ns/mnt" % name) == mine:
+            if os.readlink(name + "/ns/mnt", dir_fd=proc_fd) == mine:
                 return True
         except OSError:
             continue
     return False
 
 
-def _wait_for_last_user(plan, cfg, dir_fd, st):
-    linger = float(os.environ.get("HPCRUN_LINGER") or cfg.get("linger", "10"))
+def _wait_for_last_user(plan, dir_fd, st, linger, proc_fd):
     me = os.getpid()
     skip = {p.pid for p in st.stage.children}
     idle_since = time.monotonic()
     while True:
         time.sleep(0.2 if linger < 2 else 1.0)
-        if _users_inside(me, skip):
+        if _users_inside(proc_fd, me, skip):
             idle_since = time.monotonic()
             continue
         if time.monotonic() - idle_since < linger:
@@ -274,7 +323,7 @@ def _wait_for_last_user(plan, cfg, dir_fd, st):
                 os.close(lock)
             continue                     # a rank is joining right now
         try:
-            if _users_inside(me, skip):
+            if _users_inside(proc_fd, me, skip):
                 idle_since = time.monotonic()
                 continue
             _remove(dir_fd, plan["key"] + ".pid")

@@ -66,6 +66,8 @@ class Binds:
     def add(self, b, check=True, required=True):
         spec = "%s:%s" % (b["src"], b["dst"])
         b["dst"] = normalize_dst(b["dst"], spec)
+        if b["dst"] == "/":
+            raise errors.Error(errors.USAGE, "bind destination cannot be the container's root", spec)
         src = os.path.abspath(b["src"])
         try:
             st = os.stat(src)       # as the calling user: an unreadable source fails here
@@ -82,6 +84,9 @@ class Binds:
             for f in self.forbidden:
                 if real == f or real.startswith(f.rstrip("/") + "/") or f == "/":
                     raise errors.Error(errors.NOPERM, "bind source forbidden by the site configuration", b["src"])
+                if f.startswith(real.rstrip("/") + "/"):
+                    raise errors.Error(errors.NOPERM, "bind source contains %s, which the site configuration "
+                                       "forbids" % f, b["src"])
             # A directory the user may only traverse (mode 0711, like PBS's
             # mom_priv/jobs) is a fine bind source; a file must be readable.
             need = os.X_OK if stat.S_ISDIR(st.st_mode) else os.R_OK
@@ -123,6 +128,12 @@ def build(opts, img, cfg, environ):
         raise errors.Error(errors.NOPERM, "user binds are disabled by the site configuration", user_specs[0])
     for spec in user_specs:
         binds.add(parse_bind(spec, "user"))
+    # A user's or the site's bind over a parent of a default bind (-B scratch:/home
+    # with HOME=/home/me) decides what is there: the default would need a mount
+    # point created in the user's host directory, so it yields.
+    chosen = [b["dst"].rstrip("/") + "/" for b in binds.items if b["why"] in ("user", "site") and b.get("dir")]
+    binds.items = [b for b in binds.items
+                   if not (b["why"] in ("default", "home") and any(b["dst"].startswith(d) for d in chosen))]
 
     cwd = _cwd(environ)
     if cwd and not _under_any(cwd, binds.items) and not _system_dir(cwd):
@@ -133,7 +144,7 @@ def build(opts, img, cfg, environ):
     base["HPCRUN_CONTAINER"] = img.path
     base.setdefault("HOME", home)
 
-    nv = opts.nv or cfg.getbool("nv", False) or environ.get("HPCRUN_NV", "") not in ("", "0")
+    nv = opts.nv or cfg.getbool("nv", False) or environ.get("HPCRUN_NV", "").lower() in ("1", "yes", "true", "on")
     plan = {
         "image": img.describe(),
         "image_meta": None,

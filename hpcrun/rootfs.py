@@ -25,7 +25,6 @@ class Built:
 
 
 def build(plan, cfg, dir_fd, run_dir):
-    from hpcrun import stage as stage_mod
     uid, gid = plan["uid"], plan["gid"]
     ws = os.path.join(run_dir, plan["key"] + ".d")
     try:
@@ -46,6 +45,18 @@ def build(plan, cfg, dir_fd, run_dir):
         raise errors.Error(errors.OSERR, "cannot create a mount namespace: %s" % e.strerror)
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     linux.mount("hpcrun", ws, "tmpfs", NOSUID_NODEV, "mode=0755")
+    try:
+        return _assemble(plan, cfg, dir_fd, run_dir, ws)
+    except BaseException:
+        try:
+            linux.umount2(ws, linux.MNT_DETACH)    # so the keeper can remove <key>.d
+        except OSError:
+            pass
+        raise
+
+
+def _assemble(plan, cfg, dir_fd, run_dir, ws):
+    from hpcrun import stage as stage_mod
     for d in ("image", "upper", "work", "root", "files"):
         os.mkdir(os.path.join(ws, d), 0o755)
 
@@ -75,6 +86,7 @@ def build(plan, cfg, dir_fd, run_dir):
 
     for b in plan["binds"] + generated:
         _bind(root, b, plan)
+    _hide_workspace(root, ws)
     linux.mount(None, root, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | NOSUID_NODEV)
 
     os.chdir(root)
@@ -248,6 +260,37 @@ def _bind(root, b, plan):
                                    "%s:%s" % (b["src"], b["dst"]))
     finally:
         os.close(fd)
+
+
+def _hide_workspace(root, ws):
+    """Recursive binds (/tmp, $HOME, the cwd...) copy whatever is mounted below
+    their source, and the keeper's workspace (run_dir/<key>.d: the image, the
+    overlay, the writable upper layer) usually lies below /tmp.  Detach those
+    copies: inside, the workspace would expose the root's writable layer and
+    pin the workspace directory (its rmdir fails with EBUSY).  A copy is a
+    mount of the workspace's tmpfs with mount root "/"; the generated-file
+    binds (/etc/passwd...) come from the same tmpfs but with another root."""
+    ws_dev = os.stat(ws).st_dev
+    want = "%d:%d" % (os.major(ws_dev), os.minor(ws_dev))
+    copies = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            point = _unescape(fields[4])
+            if fields[2] == want and fields[3] == "/" and point.startswith(root + "/"):
+                copies.append(point)
+    for point in sorted(copies, key=len):
+        try:
+            linux.umount2(point, linux.MNT_DETACH)
+        except OSError:
+            pass           # gone with an outer copy
+
+
+def _unescape(path):
+    """mountinfo writes space, tab, newline and backslash as \\ooo."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        path = path.replace(code, char)
+    return path
 
 
 def _make_mount_point(root, target, is_dir, b):

@@ -727,15 +727,17 @@ ERROR_CASES = [
     ("bind-destination-escapes", lambda b, img: ["-B", "/tmp:/../../x", img, "true"], errors.NOPERM,
      "escapes", "both"),
     ("bind-destination-escapes-env", lambda b, img: [img, "true"], errors.NOPERM, "escapes", "both"),
-    ("bind-destination-symlink-loop", lambda b, img: ["-B", "/tmp:/loop1/x", img, "true"], errors.USAGE,
+    ("bind-destination-symlink-loop", lambda b, img: ["-B", "/usr:/loop1/x", img, "true"], errors.USAGE,
      "symbolic links", "both"),
-    ("bind-destination-through-a-file", lambda b, img: ["-B", "/tmp:/data/readme/x", img, "true"], errors.USAGE,
+    ("bind-destination-through-a-file", lambda b, img: ["-B", "/usr:/data/readme/x", img, "true"], errors.USAGE,
      "non-directory", "both"),
     ("bind-forbidden", lambda b, img: ["-B", b["secret"] + ":/s", img, "true"], errors.NOPERM, "forbidden", "both"),
     ("bind-forbidden-subdir", lambda b, img: ["-B", b["secret"] + "/sub:/s", img, "true"], errors.NOPERM,
      "forbidden", "both"),
     ("bind-forbidden-via-symlink", lambda b, img: ["-B", b["dir"] + "/secret-link:/s", img, "true"],
      errors.NOPERM, "forbidden", "both"),
+    ("bind-forbidden-parent", lambda b, img: ["-B", b["dir"] + ":/s", img, "true"], errors.NOPERM,
+     "forbids", "both"),     # binding a parent would carry the forbidden path in
     ("option-after-image", lambda b, img: [img, "--bind", "/tmp", "true"], errors.USAGE, "before IMAGE", "both"),
     ("option-after-image-eq", lambda b, img: [img, "--env=A=1", "true"], errors.USAGE, "before IMAGE", "both"),
     ("option-after-image-attached", lambda b, img: [img, "-B/tmp", "true"], errors.USAGE, "before IMAGE", "both"),
@@ -807,6 +809,20 @@ def test_bad_site_config(caller, core_dir, core_image, text):
     r = caller.hpcrun(core_image, "true", env={"HPCRUN_CONF": path, "HPCRUN_LINGER": "0"})
     assert_one_error(r, errors.CONFIG)
     assert eventually(lambda: not keepers_of(core_image))
+
+
+def test_users_cannot_replace_site_policy(user_caller, core_dir, core_image):
+    # The config holds policy (forbid_bind): a user's HPCRUN_CONF must be root's file.
+    for owner, mode in ((user_caller.uid, 0o644), (0, 0o666)):
+        path = os.path.join(core_dir, "own-%d-%o.conf" % (owner, mode))
+        write(path, "forbid_bind = /nonexistent\n")
+        os.chown(path, owner, 0)
+        os.chmod(path, mode)
+        r = user_caller.hpcrun(core_image, "true", env={"HPCRUN_CONF": path})
+        assert_one_error(r, errors.CONFIG, "owned and writable only by root")
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o644)
+    assert user_caller.hpcrun(core_image, "true", env={"HPCRUN_CONF": path}).returncode == 0
 
 
 # =========================================================== 7. image kinds ===

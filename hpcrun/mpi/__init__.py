@@ -11,14 +11,10 @@ The launch path calls four functions (docs/mpi.md):
 """
 import os
 
-from hpcrun import errors
+from hpcrun import environment, errors
 
-# Variables a rank needs to find its launcher, its peers and its fabric.  Prefixes, matched with startswith.
-PASSTHROUGH_PREFIXES = (
-    "PMI_", "PMIX_", "OMPI_", "ORTE_", "OPAL_", "PRTE_", "SLURM_", "SLURMD_", "SRUN_", "PBS_", "MPI",
-    "I_MPI_", "HYDRA_", "MV2_", "MPICH_", "UCX_", "FI_", "PSM2_", "PSM3_", "HFI_", "IPATH_", "NCCL_",
-    "CUDA_", "NVIDIA_", "HIP_", "ROCR_", "GPU_DEVICE_ORDINAL", "OMP_", "KMP_", "HWLOC_", "CRAY_",
-)
+# Variables a rank needs to find its launcher, its peers and its fabric (one list, kept in environment.py).
+PASSTHROUGH_PREFIXES = environment.WIRING_PREFIXES
 
 # (rank, size, local_rank, local_size, node) in order of trust: the MPI launcher's own words first.
 # SLURM_* last: under mpirun inside an allocation SLURM_PROCID is the daemon's index, not the rank.
