@@ -28,6 +28,7 @@ options (before IMAGE):
       --no-home                  do not bind $HOME
       --mpi auto|hybrid|host|none  MPI library strategy (docs/mpi.md)
       --nv                       make the host's NVIDIA driver visible (also HPCRUN_NV=1)
+      --rocm                     make the host's ROCm (AMD GPU) stack visible (also HPCRUN_ROCM=1)
       --dry-run                  print the launch plan as JSON and exit
   -v, --verbose                  say what is done and why, with timings
       --debug                    show tracebacks
@@ -38,14 +39,15 @@ SUBCOMMANDS = ("exec", "run", "shell", "inspect", "check", "build", "version", "
 _WITH_VALUE = {"-B": "binds", "--bind": "binds", "--pwd": "pwd", "--env": "env", "--env-file": "env_files",
                "--mpi": "mpi"}
 _FLAGS = {"--cleanenv": "cleanenv", "--no-home": "no_home", "--dry-run": "dry_run", "-v": "verbose",
-          "--verbose": "verbose", "--debug": "debug", "--nv": "nv"}
+          "--verbose": "verbose", "--debug": "debug", "--nv": "nv",
+          "--rocm": "rocm"}
 
 
 class Options:
     def __init__(self):
         self.binds, self.env, self.env_files = [], [], []
         self.pwd = self.mpi = self.image = None
-        self.cleanenv = self.no_home = self.dry_run = self.verbose = self.debug = self.nv = False
+        self.cleanenv = self.no_home = self.dry_run = self.verbose = self.debug = self.nv = self.rocm = False
         self.command = []
         self.runscript = False
 

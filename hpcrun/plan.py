@@ -145,6 +145,8 @@ def build(opts, img, cfg, environ):
     base.setdefault("HOME", home)
 
     nv = opts.nv or cfg.getbool("nv", False) or environ.get("HPCRUN_NV", "").lower() in ("1", "yes", "true", "on")
+    rocm = (getattr(opts, "rocm", False) or cfg.getbool("rocm", False)
+            or environ.get("HPCRUN_ROCM", "").lower() in ("1", "yes", "true", "on"))
     plan = {
         "image": img.describe(),
         "image_meta": None,
@@ -154,6 +156,7 @@ def build(opts, img, cfg, environ):
         "writable_layer": cfg.get("writable_layer", "overlay"),
         "mpi": mpi_mode,
         "nv": nv,
+        "rocm": rocm,
         "binds": sorted(binds.items, key=lambda b: b["dst"].count("/")),
         "ld_library_path_prepend": [],
         "argv": list(opts.command),
@@ -161,16 +164,18 @@ def build(opts, img, cfg, environ):
         "cwd": pwd_inside,
         "env": {"base": base, "dropped": dropped, "user": user_env},
     }
-    plan["key"] = key(plan)
+    plan["key"] = key(plan, cfg)
     return plan
 
 
-def key(plan):
+def key(plan, cfg=None):
     """Ranks with equal keys on a node share one container; anything that
-    changes what the container holds must be part of it."""
+    changes what the container holds must be part of it, the site config too
+    (the keeper reads it: MPI and GPU wiring)."""
+    site = sorted(cfg.values.items()) if cfg is not None else None
     parts = repr((plan["uid"], plan["gid"], plan["image"]["ident"], plan["image"]["path"],
-                  plan["mount_strategy"], plan["writable_layer"], plan["mpi"], plan["nv"],
-                  [(b["src"], b["dst"], b["ro"]) for b in plan["binds"]])).encode()
+                  plan["mount_strategy"], plan["writable_layer"], plan["mpi"], plan["nv"], plan["rocm"],
+                  [(b["src"], b["dst"], b["ro"]) for b in plan["binds"]], site)).encode()
     try:
         from _sha256 import sha256
     except ImportError:

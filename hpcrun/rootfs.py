@@ -150,9 +150,10 @@ def _prepare_hooks(plan, cfg, image_root):
             mpi = None
         if mpi is not None and hasattr(mpi, "prepare"):
             mpi.prepare(plan, image_root, cfg, plan["mpi"])
-    if plan["nv"]:
-        from hpcrun import gpu
-        gpu.prepare(plan, image_root, cfg)
+    for kind in ("nv", "rocm"):
+        if plan.get(kind):
+            from hpcrun import gpu
+            gpu.prepare(plan, image_root, cfg, kind)
 
 
 def _generated_files(plan, image_root, files):

@@ -157,3 +157,108 @@ def test_admin_extra_entries(driver, glibc_root, tmp_path):
     binds = {b["dst"]: b["src"] for b in plan["binds"]}
     assert binds["/etc/vulkan/icd.d/nvidia_icd.json"] == str(icd)
     assert binds[str(tool)] == str(tool)
+
+
+# ------------------------------------------------------- inside a real image ---
+
+PROBE_C = r"""#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+/* probe LIB SYMBOL: dlopen the driver library as a CUDA/ROCm runtime would, call SYMBOL. */
+int main(int argc, char **argv) {
+    void *h = dlopen(argv[1], RTLD_NOW);
+    if (!h) { printf("dlopen failed: %s\n", dlerror()); return 1; }
+    Dl_info info;
+    const char *(*f)(void) = (const char *(*)(void))dlsym(h, argv[2]);
+    if (!f) { printf("dlsym failed\n"); return 1; }
+    dladdr((void *)f, &info);
+    printf("%s from %s\n", f(), info.dli_fname);
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_image(shared_dir, glibc_root):
+    """busybox + glibc + a probe program, and a stale libcuda.so.1 of the image's own
+    (it must lose to the host's driver)."""
+    d = os.path.join(shared_dir, "gpu-image")
+    os.makedirs(d, exist_ok=True)
+    probe = os.path.join(d, "probe")
+    gcc("-o", probe, write(os.path.join(d, "probe.c"), PROBE_C), "-ldl")
+    root = os.path.join(d, "root")
+    shutil.copytree(glibc_root, root, symlinks=True, dirs_exist_ok=True)
+    imagetools.add_host_program(root, probe)
+    os.makedirs(os.path.join(root, "app"), exist_ok=True)
+    shutil.copy2(probe, os.path.join(root, "app/probe"))
+    stale = write(os.path.join(d, "stale.c"), 'const char *hpcrun_fake_driver(void) { return "stale-image-copy"; }\n')
+    gcc("-shared", "-fPIC", "-o", os.path.join(root, "usr/lib/x86_64-linux-gnu/libcuda.so.1"),
+        "-Wl,-soname,libcuda.so.1", stale)
+    return imagetools.make_image(root, os.path.join(d, "gpu.img"))
+
+
+def _site_conf(path, values):
+    with open(path, "w") as f:
+        for k, v in values.items():
+            if k != "dir":
+                f.write("%s = %s\n" % (k, ", ".join(v)))
+    os.chmod(path, 0o644)
+    return path
+
+
+@pytest.mark.parametrize("who", ["root", "user"])
+def test_nv_inside_a_real_image(who, driver, gpu_image, hpcrun_bin, as_user, shared_dir):
+    conf = _site_conf(os.path.join(shared_dir, "gpu-nv.conf"), driver)
+    # tools and device nodes are bound at their host paths (/usr/bin/nvidia-smi, /dev/nvidia0 on a real node)
+    dev = os.path.join(driver["dir"], "dev")
+    script = ("/app/probe libcuda.so.1 hpcrun_fake_driver; %s/bin/nvidia-smi; echo LD=$LD_LIBRARY_PATH; "
+              "ls %s/nvidia0 %s/nvidiactl 2>&1" % (driver["dir"], dev, dev))
+    argv = [hpcrun_bin, "--nv", gpu_image, "sh", "-c", script]
+    env = {"HPCRUN_CONF": conf, "HPCRUN_LINGER": "0", "CUDA_VISIBLE_DEVICES": "0"}
+    if who == "root":
+        r = subprocess.run(argv, env=dict(os.environ, **env), capture_output=True, text=True, timeout=120, cwd="/")
+    else:
+        r = as_user(["env"] + ["%s=%s" % kv for kv in env.items()] + argv, cwd="/")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    # the host's driver wins over the image's stale copy: its directory comes first on the path
+    assert lines[0] == "host-driver from %s/libcuda.so.1" % NVLIB
+    assert lines[1] == "NVIDIA-SMI 535.104.05 (fake)"
+    assert lines[2].startswith("LD=" + NVLIB)
+    if who == "root":        # mknod'ed as root only
+        assert lines[3:] == [dev + "/nvidia0", dev + "/nvidiactl"]
+
+
+def test_nv_without_a_driver_warns_once_and_runs(gpu_image, hpcrun_bin, tmp_path):
+    conf = _site_conf(str(tmp_path / "nodriver.conf"), {"nv_ldcache": [str(tmp_path / "none.cache")],
+                                                        "nv_path": [str(tmp_path)]})
+    r = subprocess.run([hpcrun_bin, "--nv", gpu_image, "/app/probe", "libcuda.so.1", "hpcrun_fake_driver"],
+                       env=dict(os.environ, HPCRUN_CONF=conf, HPCRUN_LINGER="0"), capture_output=True, text=True,
+                       timeout=120, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("stale-image-copy")           # the job still runs, on what the image has
+    assert r.stderr.count("hpcrun: warning: --nv: no NVIDIA driver") == 1
+
+
+def test_rocm_inside_a_real_image(gpu_image, hpcrun_bin, tmp_path):
+    """--rocm takes the same data-driven path: hsa runtime and rocm-smi from a fake tree, /dev/kfd."""
+    lib, bin_ = tmp_path / "lib", tmp_path / "bin"
+    lib.mkdir()
+    bin_.mkdir()
+    src = write(str(tmp_path / "hsa.c"), 'const char *hpcrun_fake_driver(void) { return "host-rocm"; }\n')
+    gcc("-shared", "-fPIC", "-o", str(lib / "libhsa-runtime64.so.1.11.0"), "-Wl,-soname,libhsa-runtime64.so.1", src)
+    os.symlink("libhsa-runtime64.so.1.11.0", str(lib / "libhsa-runtime64.so"))
+    write(str(bin_ / "rocm-smi"), "#!/bin/sh\necho 'ROCm SMI (fake)'\n", 0o755)
+    cache = str(tmp_path / "ld.so.cache")
+    subprocess.run(["ldconfig", "-C", cache, "-f", write(str(tmp_path / "ld.so.conf"), str(lib) + "\n")], check=True)
+    kfd = str(tmp_path / "kfd")
+    subprocess.run(["mknod", "-m", "666", kfd, "c", "1", "3"], check=True)
+    conf = _site_conf(str(tmp_path / "rocm.conf"), {"rocm_ldcache": [cache], "rocm_path": [str(bin_)],
+                                                    "rocm_devices": [kfd]})
+    r = subprocess.run([hpcrun_bin, "--rocm", gpu_image, "sh", "-c",
+                        "/app/probe libhsa-runtime64.so.1 hpcrun_fake_driver; %s/rocm-smi; test -c %s && echo dev" % (bin_, kfd)],
+                       env=dict(os.environ, HPCRUN_CONF=conf, HPCRUN_LINGER="0"), capture_output=True, text=True,
+                       timeout=120, cwd="/")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == ["host-rocm from /.hpcrun/host/rocm/lib/libhsa-runtime64.so.1",
+                                     "ROCm SMI (fake)", "dev"]
