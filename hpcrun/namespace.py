@@ -67,9 +67,9 @@ def open_run_dir(path, uid):
     raise errors.Error(errors.OSERR, "cannot create hpcrun's run directory", path)
 
 
-def _lock(dir_fd, name, mode):
-    """flock a lock file that may be unlinked by a departing keeper: retry
-    until the file we locked is the one the name points to."""
+def lock_current(dir_fd, name, mode):
+    """flock a lock file that may be unlinked by a departing keeper (or stager):
+    retry until the file we locked is the one the name points to."""
     while True:
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         fcntl.flock(fd, mode)
@@ -134,13 +134,13 @@ def join(plan, cfg, timing):
     run_dir = run_dir_path(cfg, uid)
     dir_fd = open_run_dir(run_dir, uid)
     key = plan["key"]
-    lock = _lock(dir_fd, key + ".lock", fcntl.LOCK_SH)
+    lock = lock_current(dir_fd, key + ".lock", fcntl.LOCK_SH)
     try:
         pid = _keeper_pid(dir_fd, key)
         fds = _namespaces(pid)
         if fds is None:                 # none yet, or it just died: start one
             os.close(lock)
-            lock = _lock(dir_fd, key + ".lock", fcntl.LOCK_EX)
+            lock = lock_current(dir_fd, key + ".lock", fcntl.LOCK_EX)
             pid = _keeper_pid(dir_fd, key)
             fds = _namespaces(pid)
             if fds is None:

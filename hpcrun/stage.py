@@ -144,6 +144,7 @@ def _staged_payload(img, st, run_dir_fd, run_dir):
     staged copy, and each holds LOCK_SH on it for its whole life, so a
     creator must never *wait* for LOCK_EX: it takes LOCK_SH, and only when the
     copy is missing tries a non-blocking upgrade to copy it."""
+    from hpcrun.namespace import lock_current
     try:
         os.mkdir("stage", 0o700, dir_fd=run_dir_fd)
     except FileExistsError:
@@ -151,7 +152,7 @@ def _staged_payload(img, st, run_dir_fd, run_dir):
     name = img["ident"].replace("/", "_").replace(":", "_")[:120]
     path = os.path.join(run_dir, "stage", name + ".sqfs")
     while True:
-        lock_fd = _lock_current(run_dir_fd, "stage/%s.lock" % name, fcntl.LOCK_SH)
+        lock_fd = lock_current(run_dir_fd, "stage/%s.lock" % name, fcntl.LOCK_SH)
         if os.path.exists(path):
             break
         try:
@@ -170,20 +171,6 @@ def _staged_payload(img, st, run_dir_fd, run_dir):
         break
     st.stage_lock, st.stage_path = lock_fd, path
     return path
-
-
-def _lock_current(dir_fd, name, mode):
-    """flock name, retrying until the locked file is the one name points to
-    (release() unlinks the lock file of a copy it deletes)."""
-    while True:
-        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-        fcntl.flock(fd, mode)
-        try:
-            if os.stat(name, dir_fd=dir_fd).st_ino == os.fstat(fd).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
 
 
 def _copy_payload(img, path):

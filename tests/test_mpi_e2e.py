@@ -96,6 +96,7 @@ def ompi_image(shared_dir, hello_bin):
     for d in OMPI_DIRS:
         shutil.copytree(d, root + d, symlinks=True, dirs_exist_ok=True)
     copy_libs(root, [hello_bin] + inject.shared_objects(OMPI_DIRS[0]))
+    imagetools.add_host_program(root, "/usr/bin/orted")     # a singleton's MPI_Init starts one
     return imagetools.make_image(root, os.path.join(shared_dir, "mpi-e2e-ompi.img"))
 
 
@@ -254,3 +255,11 @@ def test_host_site_mca_params_are_the_ranks_defaults(hpcrun_bin, ompi_image, tmp
     r = run_root(MPIRUN + ["-np", "2", "-x", "OMPI_MCA_pml=cm", hpcrun_bin, ompi_image, "/bin/sh", "-c", show],
                  env=env, cwd=str(tmp_path))
     assert r.stdout.split() == ["^ofi|cm|32"] * 2, r.stderr
+
+
+def test_singleton_without_a_launcher(hpcrun_bin, ompi_image, as_user):
+    """`hpcrun img ./mpi_program` alone: Open MPI's singleton init starts orted from the
+    image, which has no ssh; hpcrun makes that node-local instead of a failed MPI_Init."""
+    r = as_user([hpcrun_bin, ompi_image, "/app/hello"], timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert ranks_of(r.stdout) and ranks_of(r.stdout)[0].split()[:4] == ["rank", "0", "of", "1"]

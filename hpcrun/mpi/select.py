@@ -227,6 +227,12 @@ def prepare(plan, image_root, config, mode, environ):
         notes.append("mpi: host %s replaces the image's %s" % (describe(host), describe(img)))
     elif chosen == "hybrid" and img.get("flavor") == "openmpi":
         carry_site_mca_params(plan, config)
+        if how is None:
+            # A singleton (no launcher): MPI_Init starts an orted, whose ssh/rsh
+            # launcher component fails the init where the image has no ssh.  An
+            # empty agent lets it run on this node; a value set by the user wins.
+            plan["env"]["set"]["OMPI_MCA_plm_rsh_agent"] = "${OMPI_MCA_plm_rsh_agent:-}"
+            notes.append("mpi: no launcher: Open MPI singleton, node-local (OMPI_MCA_plm_rsh_agent empty)")
     plan["mpi_selected"] = {"mode": chosen, "launcher": how, "image": _public(img), "host": _public(host)}
 
 
@@ -241,7 +247,7 @@ def carry_site_mca_params(plan, config):
     both beat the image's own openmpi-mca-params.conf (Open MPI reads the
     environment over its files)."""
     paths = config.getlist("mpi_site_mca_params") or ["/etc/openmpi/openmpi-mca-params.conf"]
-    env_set = plan.setdefault("env", {}).setdefault("set", {})
+    env_set = plan.setdefault("env", {}).setdefault("set", {})   # also when no parameter file
     carried = []
     for path in paths:
         try:
