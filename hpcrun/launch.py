@@ -42,6 +42,8 @@ def launch(opts):
 
 def dry_run(plan, img):
     import json
+    if plan["user"] is None:
+        plan["user"] = plan_mod.user_entry(plan["uid"], os.environ)
     out = dict(plan)
     out["image_meta"] = img.meta()
     from hpcrun import stage

@@ -159,6 +159,9 @@ def _prepare_hooks(plan, cfg, image_root):
 def _generated_files(plan, image_root, files):
     """passwd/group with the caller's entry, and launch.env for the ranks."""
     import grp
+    if plan["user"] is None:
+        from hpcrun.plan import user_entry
+        plan["user"] = user_entry(plan["uid"], os.environ)
     user = plan["user"]
     out = []
     passwd = _read_text(image_root, "/etc/passwd")
