@@ -1,6 +1,6 @@
 """The hpcrun image file: one page of header, then a SquashFS payload.
 
-Layout (docs/image-format.md is the user-facing description)::
+Layout (docs/design.md, "Image format", is the user-facing description)::
 
     #!/usr/bin/env -S hpcrun run\\n                  <- ./image.img args runs the runscript
     HPCRUN-IMAGE <version> <offset> <size> <sha256>\\n  <- fixed fields, parsed without json
