@@ -8,7 +8,8 @@ Strategies (config `mount_strategy`, docs/staging.md has the measurements):
            its payload is copied once per node into run_dir/stage/ (a
            copy_file_range, no decompression) and shared by every container
            using that image; the last one to leave deletes it.
-  extract  unsquashfs into run_dir (sites without FUSE); slow for big images.
+  extract  unsquashfs into the keeper's tmpfs, i.e. RAM (sites without FUSE);
+           4-10x slower than staging, see docs/staging.md.
   auto     kernel as root, fuse otherwise.
 Directories (sandboxes) are bound as they are.
 All of this runs in the keeper, after unshare: the mounts exist only in the
