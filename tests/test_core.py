@@ -811,6 +811,26 @@ def test_bad_site_config(caller, core_dir, core_image, text):
     assert eventually(lambda: not keepers_of(core_image))
 
 
+def test_user_namespaces_disabled_on_the_host(user_caller, core_image):
+    # The host's switch for unprivileged user namespaces, turned off for this test only.
+    knob = "/proc/sys/user/max_user_namespaces"
+    with open(knob) as f:
+        saved = f.read().strip()
+    try:
+        with open(knob, "w") as f:
+            f.write("0")
+        # a bind no other test uses: a fresh container, not a join of a lingering one
+        r = user_caller.hpcrun("-B", "/var/tmp:/mnt/userns-off-%d" % os.getpid(), core_image, "true",
+                               env={"HPCRUN_LINGER": "0"})
+    finally:
+        with open(knob, "w") as f:
+            f.write(saved)
+    assert_one_error(r, errors.UNAVAILABLE, "user namespaces are disabled")
+    assert not host_mounts(core_image)
+    assert eventually(lambda: not keepers_of(core_image))
+    assert user_caller.hpcrun(core_image, "true").returncode == 0       # and back
+
+
 def test_users_cannot_replace_site_policy(user_caller, core_dir, core_image):
     # The config holds policy (forbid_bind): a user's HPCRUN_CONF must be root's file.
     for owner, mode in ((user_caller.uid, 0o644), (0, 0o666)):
