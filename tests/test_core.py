@@ -811,24 +811,55 @@ def test_bad_site_config(caller, core_dir, core_image, text):
     assert eventually(lambda: not keepers_of(core_image))
 
 
+def _without_user_namespaces(argv, uid, gid, env):
+    """Run argv as uid/gid where creating a user namespace fails, as on a host with
+    user.max_user_namespaces = 0.  That sysctl is per user namespace: set it to 0 in a
+    fresh one that maps every id to itself (the host's own, which the CI sandbox may not
+    let us change, stays as it is).  Returns (exit status, stdout, stderr)."""
+    from hpcrun import linux
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    go_r, go_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(go_w)
+            os.close(ready_r)
+            linux.unshare(linux.CLONE_NEWUSER)
+            os.write(ready_w, b"u")
+            os.read(go_r, 1)                 # the parent has written our id maps
+            with open("/proc/sys/user/max_user_namespaces", "w") as f:
+                f.write("0")
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    os.close(go_r)
+    os.close(ready_w)
+    os.read(ready_r, 1)
+    for name in ("uid_map", "gid_map"):
+        with open("/proc/%d/%s" % (pid, name), "w") as f:
+            f.write("0 0 65536")
+    os.write(go_w, b"g")
+    _, status = os.waitpid(pid, 0)
+    out.seek(0)
+    err.seek(0)
+    return os.waitstatus_to_exitcode(status), out.read().decode(), err.read().decode()
+
+
 def test_user_namespaces_disabled_on_the_host(user_caller, core_image):
-    # The host's switch for unprivileged user namespaces, turned off for this test only.
-    knob = "/proc/sys/user/max_user_namespaces"
-    with open(knob) as f:
-        saved = f.read().strip()
-    try:
-        with open(knob, "w") as f:
-            f.write("0")
-        # a bind no other test uses: a fresh container, not a join of a lingering one
-        r = user_caller.hpcrun("-B", "/var/tmp:/mnt/userns-off-%d" % os.getpid(), core_image, "true",
-                               env={"HPCRUN_LINGER": "0"})
-    finally:
-        with open(knob, "w") as f:
-            f.write(saved)
-    assert_one_error(r, errors.UNAVAILABLE, "user namespaces are disabled")
+    env = {"PATH": "/usr/bin:/bin", "HOME": user_caller.home, "HPCRUN_LINGER": "0"}
+    # a bind no other test uses: a fresh container, not a join of a lingering one
+    argv = [user_caller.hpcrun_bin, "-B", "/var/tmp:/mnt/userns-off-%d" % os.getpid(), core_image, "true"]
+    code, out, err = _without_user_namespaces(argv, user_caller.uid, user_caller.gid, env)
+    assert_one_error(subprocess.CompletedProcess(argv, code, out, err), errors.UNAVAILABLE,
+                     "user namespaces are disabled")
     assert not host_mounts(core_image)
     assert eventually(lambda: not keepers_of(core_image))
-    assert user_caller.hpcrun(core_image, "true").returncode == 0       # and back
 
 
 def test_users_cannot_replace_site_policy(user_caller, core_dir, core_image):
