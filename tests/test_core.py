@@ -169,6 +169,13 @@ def assert_one_error(r, code, *fragments):
         assert f in lines[0], (f, lines[0])
 
 
+def payload_digest(img):
+    """The payload sha256 from an hpcrun image's header line (the staged copy's name)."""
+    with open(img, "rb") as f:
+        f.readline()
+        return f.readline().split()[4].decode()
+
+
 def private_dir(base, owner, mode=0o755):
     """A fresh directory owned by `owner` (a Caller), under base."""
     d = tempfile.mkdtemp(dir=base)
@@ -1043,9 +1050,7 @@ def test_two_containers_of_one_image_share_one_staged_copy(user_caller, core_dir
     c = user_caller
     d = private_dir(core_dir, c)
     img = fresh_image(d, busybox_root, "twokeys")
-    with open(img, "rb") as f:
-        f.readline()
-        digest = f.readline().split()[4].decode()
+    digest = payload_digest(img)
     env = {"HPCRUN_LINGER": "0"}
     stage_dir = os.path.join(c.run_dir, "stage")
     hold = "cat /etc/unique; read x"
@@ -1153,9 +1158,7 @@ def test_many_ranks_at_once_share_one_container(user_caller, core_dir, busybox_r
     c = user_caller
     d = private_dir(core_dir, c)
     img = fresh_image(d, busybox_root, "many")
-    with open(img, "rb") as f:
-        f.readline()
-        digest = f.readline().split()[4].decode()
+    digest = payload_digest(img)
     # linger 5 s: ranks start over a second or so and a rank may finish before
     # the next one joins; with linger 0 the keeper could rightly leave in such
     # a gap and a second container would be correct, not a failure.
