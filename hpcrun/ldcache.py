@@ -10,7 +10,6 @@ library of the same soname is never picked), in cache order, which is the
 loader's preference order.
 """
 import os
-import platform
 import struct
 
 from hpcrun import errors
@@ -41,7 +40,7 @@ def read(path=DEFAULT, machine=None):
         return {}
     except OSError as e:
         raise errors.Error(errors.NOINPUT, "cannot read loader cache: %s" % e.strerror, path)
-    want = _ARCH_FLAGS.get(machine or platform.machine())
+    want = _ARCH_FLAGS.get(machine or os.uname().machine)
     result = {}
     start = data.find(MAGIC_NEW)
     if start < 0:

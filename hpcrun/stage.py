@@ -17,7 +17,6 @@ container's mount namespace and vanish with it.
 """
 import fcntl
 import os
-import subprocess
 import time
 
 from hpcrun import errors, linux
@@ -42,12 +41,82 @@ _offset_support = None
 def squashfuse_has_offset():
     global _offset_support
     if _offset_support is None:
-        try:
-            out = subprocess.run(["squashfuse", "--help"], capture_output=True, text=True, timeout=10)
-            _offset_support = "offset" in (out.stdout + out.stderr)
-        except (OSError, subprocess.SubprocessError):
-            _offset_support = False
+        exe = _which("squashfuse")
+        rc, out = _run([exe, "--help"]) if exe else (1, "")
+        _offset_support = "offset" in out
     return _offset_support
+
+
+# The keeper starts a few programs (mount, squashfuse, unsquashfs).  It does so
+# with fork/exec rather than the subprocess module, whose import (locale, re,
+# threading, selectors) was half of a keeper's start-up time.
+
+class Child:
+    """A started program: its pid and a pipe with its stderr."""
+
+    def __init__(self, argv, setup=None):
+        r, w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                null = os.open(os.devnull, os.O_RDWR)
+                os.dup2(null, 0)
+                os.dup2(null, 1)
+                os.dup2(w, 2)
+                os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+                if setup:
+                    setup()
+                os.execv(argv[0], argv)
+            except BaseException:
+                pass
+            os._exit(127)
+        os.close(w)
+        self.err_fd = r
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                return None
+            time.sleep(0.005)
+        return self.returncode
+
+    def stderr(self):
+        """What it wrote to stderr (call once it has exited)."""
+        chunks = []
+        while True:
+            chunk = os.read(self.err_fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(self.err_fd)
+        self.err_fd = None
+        return b"".join(chunks).decode(errors="replace")
+
+    def stop(self):
+        if self.poll() is None:
+            os.kill(self.pid, 15)
+            if self.wait(5) is None:
+                os.kill(self.pid, 9)
+                self.wait()
+        if self.err_fd is not None:
+            os.close(self.err_fd)
+            self.err_fd = None
+
+
+def _run(argv):
+    """Run argv to its end: (exit status, stderr text)."""
+    c = Child(argv)
+    err = c.stderr()          # EOF when it exits (stdout goes to /dev/null)
+    return c.wait(), err
 
 
 class Stage:
@@ -89,34 +158,29 @@ def mount_image(plan, target, run_dir_fd, run_dir):
 
 def _loop_mount(img, target):
     opts = "loop,ro,nosuid,nodev,offset=%d,sizelimit=%d" % (img["offset"], img["size"])
-    r = subprocess.run(["mount", "-t", "squashfs", "-o", opts, img["path"], target],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
+    mount = _which("mount") or "/bin/mount"
+    rc, err = _run([mount, "-t", "squashfs", "-o", opts, img["path"], target])
+    if rc != 0:
         raise errors.Error(errors.OSERR, "kernel mount of the image failed: %s"
-                           % (r.stderr.strip().splitlines() or ["?"])[-1], img["path"])
+                           % (err.strip().splitlines() or ["?"])[-1], img["path"])
 
 
 def _squashfuse(source, target, opts, st):
-    exe = "squashfuse_ll" if _which("squashfuse_ll") else "squashfuse"
-    if not _which(exe):
+    exe = _which("squashfuse_ll") or _which("squashfuse")
+    if not exe:
         raise errors.Error(errors.UNAVAILABLE, "squashfuse is not installed (needed to mount images "
                            "unprivileged)", "apt-get install squashfuse fuse3")
     if not os.path.exists("/dev/fuse"):
         raise errors.Error(errors.UNAVAILABLE, "/dev/fuse is missing: FUSE not available on this host")
-    r, w = os.pipe()
 
-    def child_setup():
+    def setup():
         # squashfuse must keep CAP_SYS_ADMIN (of our user namespace) across exec
         # to mount; and it must die with its keeper rather than outlive it.
         if os.getuid() != 0:
             linux.raise_ambient(linux.CAP_SYS_ADMIN)
         linux.prctl(linux.PR_SET_PDEATHSIG, 15)
 
-    p = subprocess.Popen([exe, "-f"] + opts + [source, target], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=child_setup,
-                         close_fds=True)
-    os.close(r)
-    os.close(w)
+    p = Child([exe, "-f"] + opts + [source, target], setup)
     st.children.append(p)
     # The mount is ready when the target's device changes; squashfuse exits on failure.
     parent_dev = os.stat(os.path.dirname(target)).st_dev
@@ -128,11 +192,11 @@ def _squashfuse(source, target, opts, st):
         except OSError:
             pass
         if p.poll() is not None:
-            err = p.stderr.read().decode(errors="replace").strip().splitlines()
+            err = p.stderr().strip().splitlines()
             raise errors.Error(errors.OSERR, "squashfuse failed: %s" % (err[-1] if err else "exit %d" % p.returncode),
                                source)
         if time.monotonic() > deadline:
-            p.kill()
+            p.stop()
             raise errors.Error(errors.OSERR, "squashfuse did not mount within 30 s", source)
         time.sleep(0.002)
 
@@ -196,10 +260,12 @@ def _copy_payload(img, path):
 
 def _extract(source, target, st):
     tmp = target + ".x"
-    r = subprocess.run(["unsquashfs", "-no-xattrs", "-quiet", "-no-progress", "-d", tmp, source],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        raise errors.Error(errors.OSERR, "unsquashfs failed: %s" % r.stderr.strip()[-200:], source)
+    exe = _which("unsquashfs")
+    if not exe:
+        raise errors.Error(errors.UNAVAILABLE, "unsquashfs is not installed", "apt-get install squashfs-tools")
+    rc, err = _run([exe, "-no-xattrs", "-quiet", "-no-progress", "-d", tmp, source])
+    if rc != 0:
+        raise errors.Error(errors.OSERR, "unsquashfs failed: %s" % err.strip()[-200:], source)
     linux.mount(tmp, target, None, linux.MS_BIND | linux.MS_REC)
     st.extract_dir = tmp
 
@@ -207,12 +273,7 @@ def _extract(source, target, st):
 def release(st, run_dir_fd):
     """Keeper teardown: stop squashfuse, drop the staged payload if we were its last user."""
     for p in st.children:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(5)
-            except Exception:
-                p.kill()
+        p.stop()
     if st.stage_lock is not None:
         fcntl.flock(st.stage_lock, fcntl.LOCK_UN)
         try:

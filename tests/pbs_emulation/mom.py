@@ -143,8 +143,13 @@ class Mom:
                 except OSError as e:
                     run.exec_error = "execve(%s): %s" % (progname, e.strerror)
                     return run
-                proc.stdin.write((job["script_path"] + "\n").encode())
-                proc.stdin.close()
+                # The job shell reads the script's path from stdin; one that exits
+                # without reading it (a wrapper, a failed exec) is no error of the mom's.
+                try:
+                    proc.stdin.write((job["script_path"] + "\n").encode())
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
                 try:
                     run.exit_status = proc.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
