@@ -120,10 +120,17 @@ def build(opts, img, cfg, environ):
         binds.add(parse_bind(spec, "site"), check=False, required=False)
 
     mpi_mode = opts.mpi or cfg.get("mpi", "auto")
+    launcher = None
     if mpi_mode != "none":
         from hpcrun import mpi
+        launcher = mpi.launcher(environ)     # the keeper wires the container for it
         for b in mpi.host_binds(environ, cfg):
-            binds.add(b, check=False, required=False)
+            # The launcher's session directories usually lie under /tmp, which is
+            # bound already (and shows what appears in it later).  Binding them
+            # again would only put a per-job path into the key: every mpirun
+            # job would then build its own container instead of reusing one.
+            if not _covered(b["src"], binds.items):
+                binds.add(b, check=False, required=False)
 
     user_specs = split_binds([environ["HPCRUN_BIND"]] if environ.get("HPCRUN_BIND") else []) + opts.binds
     if user_specs and not cfg.getbool("allow_user_binds", True):
@@ -157,6 +164,7 @@ def build(opts, img, cfg, environ):
         "mount_strategy": cfg.get("mount_strategy", "auto"),
         "writable_layer": cfg.get("writable_layer", "overlay"),
         "mpi": mpi_mode,
+        "launcher": launcher,
         "nv": nv,
         "rocm": rocm,
         "binds": sorted(binds.items, key=lambda b: b["dst"].count("/")),
@@ -176,7 +184,8 @@ def key(plan, cfg=None):
     (the keeper reads it: MPI and GPU wiring)."""
     site = sorted(cfg.values.items()) if cfg is not None else None
     parts = repr((plan["uid"], plan["gid"], plan["image"]["ident"], plan["image"]["path"],
-                  plan["mount_strategy"], plan["writable_layer"], plan["mpi"], plan["nv"], plan["rocm"],
+                  plan["mount_strategy"], plan["writable_layer"], plan["mpi"], plan["launcher"],
+                  plan["nv"], plan["rocm"],
                   [(b["src"], b["dst"], b["ro"]) for b in plan["binds"]], site)).encode()
     try:
         from _sha256 import sha256
@@ -211,6 +220,13 @@ def _under_any(path, binds):
         if d != "/" and b.get("dir", True) and (path == d or path.startswith(d + "/")):
             return True
     return False
+
+
+def _covered(path, items):
+    """path is visible at the same place through a directory bind already listed."""
+    real = os.path.realpath(path)
+    return any(b.get("dir") and b["src"] == b["dst"] and (real == b["src"] or real.startswith(b["src"].rstrip("/") + "/"))
+               for b in items)
 
 
 def _system_dir(path):

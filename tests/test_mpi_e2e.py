@@ -263,3 +263,16 @@ def test_singleton_without_a_launcher(hpcrun_bin, ompi_image, as_user):
     r = as_user([hpcrun_bin, ompi_image, "/app/hello"], timeout=120)
     assert r.returncode == 0, r.stderr
     assert ranks_of(r.stdout) and ranks_of(r.stdout)[0].split()[:4] == ["rank", "0", "of", "1"]
+
+
+def test_consecutive_jobs_reuse_the_node_container(hpcrun_bin, ompi_image, tmp_path):
+    """Open MPI's per-job session directories lie under the /tmp bind: they do not enter
+    the container key, so a second job step within `linger` joins the first one's container
+    instead of building its own (the launch benchmark's per-job cost)."""
+    env = dict(os.environ, HPCRUN_LINGER="30")
+    mnts = []
+    for _ in range(2):
+        r = run_root(MPIRUN + ["-np", "2", hpcrun_bin, ompi_image, "/app/hello"], cwd=str(tmp_path), env=env)
+        check_hello(r, 2)
+        mnts.append(ranks_of(r.stdout)[0].split()[5])
+    assert mnts[0] == mnts[1]
