@@ -51,11 +51,15 @@ demo: venv
 demo-slurm: venv plugins
 	$(VENV)/bin/python -m hpcrun.testbed.demo
 
+# As root, the entry benchmark runs as an unprivileged user: the path users take.
+BENCH_USER = $(shell [ "$$(id -u)" = 0 ] && { id hpcrun-test >/dev/null 2>&1 || \
+               useradd --create-home --shell /bin/sh hpcrun-test; } && echo --user hpcrun-test)
+
 bench: venv
-	$(VENV)/bin/python benchmarks/run.py
+	$(VENV)/bin/python benchmarks/run.py $(BENCH_USER)
 
 bench-quick: venv
-	$(VENV)/bin/python benchmarks/run.py --quick
+	$(VENV)/bin/python benchmarks/run.py --quick $(BENCH_USER)
 
 clean:
 	rm -rf $(VENV) .deps-stamp build *.egg-info
