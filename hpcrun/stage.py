@@ -228,6 +228,7 @@ def _staged_payload(img, st, run_dir_fd, run_dir):
             continue
         try:
             if not os.path.exists(path):
+                _remove_stale_copies(run_dir_fd, name)
                 _copy_payload(img, path)
         except BaseException:
             os.close(lock_fd)
@@ -236,6 +237,21 @@ def _staged_payload(img, st, run_dir_fd, run_dir):
         break
     st.stage_lock, st.stage_path = lock_fd, path
     return path
+
+
+def _remove_stale_copies(run_dir_fd, name):
+    """Half-written copies of stagers that were killed: we hold the lock
+    exclusively, so nobody else is copying this payload now."""
+    stage_fd = os.open("stage", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=run_dir_fd)
+    try:
+        for entry in os.listdir(stage_fd):
+            if entry.startswith(name + ".sqfs.") and entry.endswith(".tmp"):
+                try:
+                    os.unlink(entry, dir_fd=stage_fd)
+                except OSError:
+                    pass
+    finally:
+        os.close(stage_fd)
 
 
 def _copy_payload(img, path):

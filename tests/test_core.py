@@ -1043,6 +1043,22 @@ def test_keeper_is_shared_and_goes_away(user_caller, core_dir, busybox_root):
     assert eventually(lambda: not keepers_of(img))
 
 
+def test_a_killed_stagers_half_copy_is_removed(user_caller, core_dir, busybox_root):
+    # A stager killed mid-copy leaves <payload>.sqfs.<pid>.tmp; the next one removes it.
+    c = user_caller
+    d = private_dir(core_dir, c)
+    img = fresh_image(d, busybox_root, "stale")
+    env = {"HPCRUN_LINGER": "0"}
+    assert c.hpcrun(img, "true", env=env).returncode == 0          # makes run_dir/stage
+    stage_dir = os.path.join(c.run_dir, "stage")
+    stale = os.path.join(stage_dir, "sha256_%s.sqfs.999999.tmp" % payload_digest(img))
+    write(stale, "half a payload")
+    os.chown(stale, c.uid, c.gid)
+    assert eventually(lambda: not keepers_of(img))                  # the first container is gone
+    assert c.hpcrun(img, "true", env=env).returncode == 0
+    assert not os.path.exists(stale)
+
+
 def test_two_containers_of_one_image_share_one_staged_copy(user_caller, core_dir, busybox_root):
     # Different binds make different keys, hence two keepers; the payload
     # staged for FUSE is still copied once, both containers start while the
