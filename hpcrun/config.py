@@ -65,8 +65,6 @@ class Config:
 
 def load(environ=os.environ):
     main = environ.get("HPCRUN_CONF") or DEFAULT_PATH
-    if environ.get("HPCRUN_CONF") and os.getuid() != 0:
-        _check_trusted(main)
     files = [main]
     dropins = main + ".d"
     try:
@@ -74,7 +72,7 @@ def load(environ=os.environ):
     except OSError:
         pass
     if environ.get("HPCRUN_CONF") and os.getuid() != 0:
-        for path in files[1:]:
+        for path in files:
             _check_trusted(path)
     values, sources = {}, []
     for path in files:

@@ -32,12 +32,10 @@ KINDS = {
 
 
 def enabled(flag, environ, config, kind="nv"):
-    """--nv on the command line, HPCRUN_NV=1, or the admin's `nv = always`."""
-    if flag:
-        return True
-    if environ.get("HPCRUN_%s" % kind.upper(), "").lower() in ("1", "yes", "true", "on"):
-        return True
-    return config.getbool(kind, False)
+    """--nv on the command line, HPCRUN_NV=1, or the admin's `nv = always`
+    (the launch path's own test, plan.gpu_wanted)."""
+    from hpcrun.plan import gpu_wanted
+    return gpu_wanted(flag, environ, config, kind)
 
 
 def driver_version(config=None):

@@ -211,13 +211,7 @@ def _start_keeper(plan, cfg, dir_fd, run_dir, linger):
             os._exit(0)
     os.close(w)
     os.waitpid(pid, 0)
-    msg = b""
-    while True:
-        chunk = os.read(r, 4096)
-        if not chunk:
-            break
-        msg += chunk
-    os.close(r)
+    msg = read_all(r)
     if msg.startswith(b"ready "):
         # "ready PID" then the keeper's warnings and notes (MPI and GPU wiring
         # is decided in there), one per line: only this creating rank says them.
@@ -331,6 +325,18 @@ def _wait_for_last_user(plan, dir_fd, st, linger, proc_fd):
             return
         finally:
             os.close(lock)
+
+
+def read_all(fd):
+    """Everything until EOF from a pipe, which is then closed."""
+    chunks = []
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
 
 
 def _remove(dir_fd, name, rmdir=False):

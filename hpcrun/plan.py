@@ -153,9 +153,8 @@ def build(opts, img, cfg, environ):
     base["HPCRUN_CONTAINER"] = img.path
     base.setdefault("HOME", home)
 
-    nv = opts.nv or cfg.getbool("nv", False) or environ.get("HPCRUN_NV", "").lower() in ("1", "yes", "true", "on")
-    rocm = (getattr(opts, "rocm", False) or cfg.getbool("rocm", False)
-            or environ.get("HPCRUN_ROCM", "").lower() in ("1", "yes", "true", "on"))
+    nv = gpu_wanted(opts.nv, environ, cfg, "nv")
+    rocm = gpu_wanted(opts.rocm, environ, cfg, "rocm")
     plan = {
         "image": img.describe(),
         "image_meta": None,
@@ -192,6 +191,13 @@ def key(plan, cfg=None):
     except ImportError:
         from hashlib import sha256
     return sha256(parts).hexdigest()[:24]
+
+
+def gpu_wanted(flag, environ, cfg, kind):
+    """--nv/--rocm on the command line, the admin's `nv = always` (a bad value
+    is error 78 either way), or HPCRUN_NV=1 / HPCRUN_ROCM=1."""
+    return (flag or cfg.getbool(kind, False)
+            or environ.get("HPCRUN_%s" % kind.upper(), "").lower() in ("1", "yes", "true", "on"))
 
 
 def user_entry(uid, environ):

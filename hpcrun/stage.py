@@ -52,16 +52,17 @@ def squashfuse_has_offset():
 # threading, selectors) was half of a keeper's start-up time.
 
 class Child:
-    """A started program: its pid and a pipe with its stderr."""
+    """A started program: its pid and a pipe with its stderr (and its stdout
+    when asked; else that goes to /dev/null)."""
 
-    def __init__(self, argv, setup=None):
+    def __init__(self, argv, setup=None, stdout_too=False):
         r, w = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:
             try:
                 null = os.open(os.devnull, os.O_RDWR)
                 os.dup2(null, 0)
-                os.dup2(null, 1)
+                os.dup2(w if stdout_too else null, 1)
                 os.dup2(w, 2)
                 os.closerange(3, os.sysconf("SC_OPEN_MAX"))
                 if setup:
@@ -91,15 +92,9 @@ class Child:
 
     def stderr(self):
         """What it wrote to stderr (call once it has exited)."""
-        chunks = []
-        while True:
-            chunk = os.read(self.err_fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        os.close(self.err_fd)
-        self.err_fd = None
-        return b"".join(chunks).decode(errors="replace")
+        from hpcrun.namespace import read_all
+        fd, self.err_fd = self.err_fd, None
+        return read_all(fd).decode(errors="replace")
 
     def stop(self):
         if self.poll() is None:
@@ -113,10 +108,10 @@ class Child:
 
 
 def _run(argv):
-    """Run argv to its end: (exit status, stderr text)."""
-    c = Child(argv)
-    err = c.stderr()          # EOF when it exits (stdout goes to /dev/null)
-    return c.wait(), err
+    """Run argv to its end: (exit status, what it wrote to stdout and stderr)."""
+    c = Child(argv, stdout_too=True)
+    out = c.stderr()          # EOF when it exits
+    return c.wait(), out
 
 
 class Stage:

@@ -13,7 +13,7 @@ Rules (docs/mpi.md has the table):
 import os
 import re
 
-from hpcrun import elf, errors, ldcache
+from hpcrun import elf, environment, errors, ldcache
 from hpcrun.mpi import inject, launcher
 
 LIBDIR = inject.HOST_DIR + "/lib"
@@ -231,7 +231,8 @@ def prepare(plan, image_root, config, mode, environ):
             # A singleton (no launcher): MPI_Init starts an orted, whose ssh/rsh
             # launcher component fails the init where the image has no ssh.  An
             # empty agent lets it run on this node; a value set by the user wins.
-            plan["env"]["set"]["OMPI_MCA_plm_rsh_agent"] = "${OMPI_MCA_plm_rsh_agent:-}"
+            env_set = plan.setdefault("env", {}).setdefault("set", {})
+            env_set["OMPI_MCA_plm_rsh_agent"] = "${OMPI_MCA_plm_rsh_agent:-}"
             notes.append("mpi: no launcher: Open MPI singleton, node-local (OMPI_MCA_plm_rsh_agent empty)")
     plan["mpi_selected"] = {"mode": chosen, "launcher": how, "image": _public(img), "host": _public(host)}
 
@@ -247,7 +248,7 @@ def carry_site_mca_params(plan, config):
     both beat the image's own openmpi-mca-params.conf (Open MPI reads the
     environment over its files)."""
     paths = config.getlist("mpi_site_mca_params") or ["/etc/openmpi/openmpi-mca-params.conf"]
-    env_set = plan.setdefault("env", {}).setdefault("set", {})   # also when no parameter file
+    env_set = plan.setdefault("env", {}).setdefault("set", {})
     carried = []
     for path in paths:
         try:
@@ -258,8 +259,8 @@ def carry_site_mca_params(plan, config):
         for line in lines:
             name, sep, value = line.split("#", 1)[0].partition("=")
             name, value = name.strip(), value.strip()
-            if sep and name and all(c.isalnum() or c == "_" for c in name) and "$" not in value:
-                var = "OMPI_MCA_" + name
+            var = "OMPI_MCA_" + name
+            if sep and name and environment.valid_name(var) and "$" not in value:
                 env_set[var] = "${%s:-%s}" % (var, value)
                 carried.append(name)
     if carried:
