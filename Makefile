@@ -1,7 +1,9 @@
 # hpcrun: `make demo` and `make test` work on a fresh Debian 12 machine as root.
 # Everything they need is installed here: Debian packages, then a venv (built on
 # Debian's /usr/bin/python3, so an unprivileged test user can run it) with
-# hpcrun installed editable.  See README.md.
+# hpcrun installed the way users get it: an sdist, a wheel built from that
+# sdist, the wheel pip-installed.  The tests run against that install, never
+# against this source tree.  See README.md.
 
 PYTHON   ?= /usr/bin/python3
 VENV     ?= .venv
@@ -29,21 +31,35 @@ deps: .deps-stamp
 	@if [ "$$(id -u)" = 0 ] && [ -c /dev/fuse ]; then chmod 0666 /dev/fuse; fi
 	@touch $@
 
+# The venv's tools (pytest, mpi4py, build ...), installed once.
 venv: $(STAMP)
-$(STAMP): .deps-stamp setup.cfg pyproject.toml
+$(VENV)/.base: .deps-stamp setup.cfg pyproject.toml
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test,bench]' --config-settings editable_mode=compat
-	@# Unprivileged users cannot write __pycache__ here: compile now, or every rank recompiles.
-	$(VENV)/bin/python -m compileall -q hpcrun >/dev/null
+	$(VENV)/bin/pip install -q build setuptools wheel pytest pytest-mpi mpi4py psutil matplotlib
+	@touch $@
+
+# hpcrun itself, reinstalled from a fresh wheel whenever a packaged file
+# changed.  flock: several `make test` may run at once (one venv).
+PKG_FILES = $(shell git ls-files hpcrun 2>/dev/null || find hpcrun -type f) setup.cfg pyproject.toml MANIFEST.in
+$(STAMP): $(VENV)/.base $(PKG_FILES)
+	flock $(VENV)/.lock sh -c '\
+	  rm -rf .whl && $(VENV)/bin/python -m build -q --no-isolation --outdir .whl . >/dev/null && \
+	  $(VENV)/bin/pip install -q --force-reinstall --no-deps .whl/hpcrun-*.whl && \
+	  rm -rf build hpcrun.egg-info'
+	@# Unprivileged users cannot write __pycache__ in the venv: compile now, or every rank recompiles.
+	$(VENV)/bin/python -m compileall -q $$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/hpcrun >/dev/null
 	@touch $@
 
 plugins: .deps-stamp
 	$(MAKE) -C plugins/slurm
 
+# TESTS selects (make test TESTS="tests/test_core.py -k bind").  pytest is
+# started from tests/ so that `import hpcrun` finds the installed wheel.
+TESTS ?= .
 test: venv plugins
-	$(VENV)/bin/python -m compileall -q hpcrun >/dev/null
-	$(VENV)/bin/python -m pytest -q tests
+	cd tests && ../$(VENV)/bin/python -m pytest -q $(patsubst tests/%,%,$(TESTS))
 
 demo: venv
 	$(VENV)/bin/python tests/demo.py
@@ -62,5 +78,5 @@ bench-quick: venv
 	$(VENV)/bin/python benchmarks/run.py --quick $(BENCH_USER)
 
 clean:
-	rm -rf $(VENV) .deps-stamp build *.egg-info
+	rm -rf $(VENV) .deps-stamp build *.egg-info .whl
 	-$(MAKE) -C plugins/slurm clean

@@ -17,6 +17,13 @@ import imagetools  # noqa: E402
 
 TEST_USER = "hpcrun-test"
 
+# The suite tests hpcrun as users get it: installed from the wheel into the venv
+# (make test), never the source tree beside these tests.
+import hpcrun  # noqa: E402
+if not os.environ.get("HPCRUN_TEST_SOURCE_TREE") and not hpcrun.__file__.startswith(sys.prefix + os.sep):
+    raise SystemExit("tests: hpcrun imported from %s, not from the venv's installed wheel (%s); "
+                     "run `make test`" % (hpcrun.__file__, sys.prefix))
+
 
 @pytest.fixture(scope="session")
 def hpcrun_bin():
