@@ -59,7 +59,7 @@ plugins: .deps-stamp
 # started from tests/ so that `import hpcrun` finds the installed wheel.
 TESTS ?= .
 test: venv plugins
-	cd tests && ../$(VENV)/bin/python -m pytest -q $(patsubst tests/%,%,$(TESTS))
+	cd tests && $(abspath $(VENV))/bin/python -m pytest -q $(patsubst tests/%,%,$(TESTS))
 
 demo: venv
 	$(VENV)/bin/python tests/demo.py
