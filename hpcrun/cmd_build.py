@@ -25,7 +25,7 @@ def main(argv):
     args = p.parse_args(argv)
     if not args.spec and not args.base:
         raise errors.Error(errors.USAGE, "hpcrun build needs a SPEC or --from SOURCE")
-    from hpcrun.build import builder, spec as specmod
+    from hpcrun.imagebuild import builder, spec as specmod
     if args.spec:
         spec = _load_spec(specmod, args.spec)
     else:

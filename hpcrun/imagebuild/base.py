@@ -15,7 +15,7 @@ import tarfile
 import tempfile
 
 from hpcrun import errors, image
-from hpcrun.build.tree import inside
+from hpcrun.imagebuild.tree import inside
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"

@@ -15,8 +15,8 @@ import tempfile
 
 import hpcrun
 from hpcrun import errors
-from hpcrun.build import base, pack, solve_elf, solve_mpi, solve_python
-from hpcrun.build.tree import APP, Tree, exists, inside
+from hpcrun.imagebuild import base, pack, solve_elf, solve_mpi, solve_python
+from hpcrun.imagebuild.tree import APP, Tree, exists, inside
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MOUNT_POINTS = ("proc", "sys", "dev", "tmp", "etc", "home", "var/tmp", "root", "run")
