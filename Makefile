@@ -65,7 +65,7 @@ demo: venv
 	$(VENV)/bin/python tests/demo.py
 
 demo-slurm: venv plugins
-	$(VENV)/bin/python -m hpcrun.testbed.demo
+	$(VENV)/bin/python tests/testbed/demo.py
 
 # As root, the entry benchmark runs as an unprivileged user: the path users take.
 BENCH_USER = $(shell [ "$$(id -u)" = 0 ] && { id hpcrun-test >/dev/null 2>&1 || \

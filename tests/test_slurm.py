@@ -1,5 +1,5 @@
 """Slurm integration on real daemons: munged, slurmctld and two slurmd "nodes"
-on loopback (hpcrun/testbed/cluster.py), the SPANK plugin built from
+on loopback (tests/testbed/cluster.py), the SPANK plugin built from
 plugins/slurm/, the cli_filter.lua, and the real hpcrun.  Jobs run as the
 unprivileged test user, as users' jobs do."""
 import os
@@ -11,8 +11,8 @@ import time
 import pytest
 
 import imagetools
-from hpcrun import slurm
-from hpcrun.testbed.cluster import Cluster
+from testbed import slurm
+from testbed.cluster import Cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_DIR = os.path.join(ROOT, "plugins", "slurm")

@@ -1,6 +1,7 @@
 """The hpcrun side of the SPANK handshake, without daemons: the original argv and
 HPCRUN_TASK_* variables become an ordinary hpcrun command line; a task entry
 without the plugin's variables is a usage error; the real path runs a program."""
+import importlib.metadata
 import os
 import subprocess
 
@@ -45,3 +46,13 @@ def test_task_entry_runs_the_original_program_inside(hpcrun_bin, busybox_image, 
                        env=env, capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
     assert r.stdout.split() == ["ID=hpcrun-test", "0"], r.stderr
     assert r.returncode == 1      # grep -c found no HPCRUN_TASK_* inside
+
+
+def test_the_wheel_carries_no_test_bed():
+    # tests/testbed/ (Slurm on loopback, job submission) is for tests and demos only.
+    import hpcrun
+    files = [str(f) for f in importlib.metadata.files("hpcrun")]
+    assert [f for f in files if "testbed" in f or f.endswith("hpcrun/slurm.py")] == []
+    pkg = os.path.dirname(hpcrun.__file__)
+    assert not os.path.exists(os.path.join(pkg, "testbed")) and not os.path.exists(os.path.join(pkg, "slurm.py"))
+    assert "cmd_task_entry.py" in os.listdir(pkg)    # the plugin's hpcrun side does ship

@@ -8,6 +8,7 @@ tasks execute inside an hpcrun image.
 
 Needs root (it starts munged, slurmctld and slurmd), the built plugin
 (`make plugins`) and a source checkout (the image is made with tests/imagetools.py).
+Run as `python tests/testbed/demo.py` or, from tests/, `python -m testbed.demo`.
 """
 import os
 import shutil
@@ -15,10 +16,13 @@ import subprocess
 import sys
 import tempfile
 
-from hpcrun import slurm
-from hpcrun.testbed.cluster import Cluster
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(TESTS)
+if TESTS not in sys.path:   # the test bed is a plain directory beside the tests, not installed
+    sys.path.insert(0, TESTS)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from testbed import slurm  # noqa: E402
+from testbed.cluster import Cluster  # noqa: E402
 PLUGIN = os.path.join(ROOT, "plugins", "slurm", "spank_hpcrun.so")
 CLI_FILTER = os.path.join(ROOT, "plugins", "slurm", "cli_filter.lua")
 
@@ -37,7 +41,6 @@ def main():
         sys.exit("demo-slurm: %s missing: run `make plugins`" % PLUGIN)
     hpcrun = (os.environ.get("HPCRUN_SLURM_TEST_HPCRUN")     # another hpcrun install, same plugin
               or os.path.join(os.path.dirname(sys.executable), "hpcrun"))
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     import imagetools
 
     work = tempfile.mkdtemp(prefix="hpcrun-demo-slurm-")

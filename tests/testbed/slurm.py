@@ -1,4 +1,4 @@
-"""Submit and follow Slurm jobs from Python (benchmarks/, users' scripts, tests).
+"""Submit and follow Slurm jobs from Python (tests, demos, benchmarks; not shipped in the wheel).
 
 Two backends give the same small API:
 

@@ -271,7 +271,7 @@ class Cluster:
         self.stop()
 
 
-if __name__ == "__main__":   # quick manual check: python -m hpcrun.testbed.cluster
+if __name__ == "__main__":   # quick manual check, from tests/: python -m testbed.cluster
     with Cluster() as c:
         print(json.dumps(c.node_states()))
         print(subprocess.run(["srun", "-N2", "hostname"], env=c.env(), capture_output=True,

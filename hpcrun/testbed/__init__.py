@@ -1,1 +1,0 @@
-"""Test beds for scheduler integration: a real Slurm on loopback (cluster.py), `make demo-slurm` (demo.py)."""
