@@ -7,6 +7,7 @@ in the environment:
 
     HPCRUN_TASK_ARGV0   the task's original argv[0] (its presence selects task mode)
     HPCRUN_TASK_IMAGE   image path (relative: to the task's cwd, then SLURM_SUBMIT_DIR)
+    HPCRUN_TASK_IMAGE_FROM  where the plugin found it: --container-image, HPCRUN_IMAGE, --container
     HPCRUN_TASK_BIND    comma list of SRC[:DST[:ro|rw]]  (--container-mounts, plugstack mounts=)
     HPCRUN_TASK_PWD     working directory inside the image (--container-workdir)
     HPCRUN_TASK_ENV     comma list of NAME or NAME=VALUE (--container-env)
@@ -23,8 +24,13 @@ import sys
 
 from hpcrun.errors import Error, USAGE
 
-TASK_VARS = ("HPCRUN_TASK_ARGV0", "HPCRUN_TASK_IMAGE", "HPCRUN_TASK_BIND", "HPCRUN_TASK_PWD",
-             "HPCRUN_TASK_ENV", "HPCRUN_TASK_BATCH")
+TASK_VARS = ("HPCRUN_TASK_ARGV0", "HPCRUN_TASK_IMAGE", "HPCRUN_TASK_IMAGE_FROM", "HPCRUN_TASK_BIND",
+             "HPCRUN_TASK_PWD", "HPCRUN_TASK_ENV", "HPCRUN_TASK_BATCH")
+
+# How a user sets each source the plugin reports, for the empty-image error.
+IMAGE_SOURCES = {"HPCRUN_IMAGE": "HPCRUN_IMAGE, set but empty in the task's environment",
+                 "--container": "--container / SLURM_CONTAINER, set but empty",
+                 "--container-image": "--container-image"}
 
 
 def is_task_entry(environ=None):
@@ -55,6 +61,11 @@ def launch_argv(args, environ, cwd):
     """The ordinary hpcrun command line for a task with original args `args`."""
     argv0 = environ.get("HPCRUN_TASK_ARGV0")
     image = environ.get("HPCRUN_TASK_IMAGE")
+    source = environ.get("HPCRUN_TASK_IMAGE_FROM")
+    if argv0 and not image and source:
+        # The plugin wraps a task whose image source is set but empty (an unset
+        # shell variable, most often) so that it fails here, by name.
+        raise Error(USAGE, "image argument is empty", IMAGE_SOURCES.get(source, source))
     if not argv0 or not image:
         raise Error(USAGE, "Slurm task entry without HPCRUN_TASK_ARGV0 and HPCRUN_TASK_IMAGE",
                     "spank_hpcrun plugin")

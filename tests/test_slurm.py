@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -121,18 +122,18 @@ def as_job_user(job_user, cluster, jobdir):
     """run(argv, env=None, **kw) as the job user, in jobdir, against the test cluster."""
     from conftest import user_cmd
 
-    def go(argv, env=None, popen=False, **kw):
+    def go(argv, env=None, popen=False, cwd=None, **kw):
         e = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": job_user.pw_dir, "USER": job_user.pw_name,
              "LANG": "C.UTF-8", "SLURM_CONF": cluster.conf}
         e.update(env or {})
         argv = user_cmd(job_user, ["env"] + ["%s=%s" % kv for kv in e.items()] + list(argv))
         if popen:
-            return subprocess.Popen(argv, cwd=jobdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            return subprocess.Popen(argv, cwd=cwd or jobdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
         kw.setdefault("timeout", T)
-        return subprocess.run(argv, cwd=jobdir, **kw)
+        return subprocess.run(argv, cwd=cwd or jobdir, **kw)
     return go
 
 
@@ -152,6 +153,12 @@ def submit(cluster, as_job_user, jobdir, script, name):
     info = slurm.wait(int(r.stdout.strip().split(";")[0]), timeout=T, env=cluster.env())
     with open(os.path.join(jobdir, name + ".out")) as f:
         return info, f.read()
+
+
+def sbatch_quote(value):
+    """value as one argument of an #SBATCH line: sbatch groups with double quotes
+    and takes a backslash as an escape (single quotes are plain characters)."""
+    return '"%s"' % value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def test_srun_container_runs_every_task_inside(run):
@@ -296,3 +303,139 @@ def test_scancel_signals_reach_the_wrapped_program(cluster, run):
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             p.communicate()
+
+
+# -- image paths as users write them, with the images on a file system of their own ----------
+
+# Images under the submit directory, by case: given as written (relative) and as an absolute path.
+IMAGE_PATHS = {
+    "subdir": "sub/x.img",
+    "spaces": "my images/solver v2.img",
+    "quotes": "q\"uo'te.img",
+    "non-ascii": "Bäume/€ λ.sqfs",
+    "tab": "tab\tname.img",            # Slurm's JSON writes it as \t
+    "comma": "run,1/a,b.img",          # cannot travel in --export: the plugin resolves it
+    "hash": "#1/x#y.img",              # a comment character on #SBATCH lines
+}
+# Symlinks in the submit directory: (link, target; None = the absolute image outside it).
+SYMLINKS = {"symlink-relative": ("link.img", "my images/solver v2.img"),
+            "symlink-absolute": ("abs link.img", None)}
+CASES = (["absolute"] + sorted(IMAGE_PATHS) + ["%s-abs" % c for c in sorted(IMAGE_PATHS)]
+         + sorted(SYMLINKS))
+
+
+class ImageFS:
+    """A tmpfs of its own (as shared storage is on a cluster): one image per case,
+    each with its case name in /etc/image-name, and a submit directory."""
+
+    def __init__(self, mountpoint):
+        self.mountpoint = mountpoint
+        self.project = os.path.join(mountpoint, "project")
+        self.top = os.path.join(mountpoint, "top.img")
+
+    def case(self, name):
+        """(path as the user writes it, the image name that must answer)."""
+        if name == "absolute":
+            return self.top, "absolute"
+        if name in SYMLINKS:
+            link, target = SYMLINKS[name]
+            return link, "absolute" if target is None else [
+                c for c, p in IMAGE_PATHS.items() if p == target][0]
+        if name.endswith("-abs"):
+            return os.path.join(self.project, IMAGE_PATHS[name[:-4]]), name[:-4]
+        return IMAGE_PATHS[name], name
+
+
+@pytest.fixture(scope="session")
+def image_fs(shared_dir, busybox_root, job_user):
+    """Plain SquashFS images (the path handling is under test, not staging)."""
+    mnt = tempfile.mkdtemp(prefix="hpcrun-slurm-imgfs-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", mnt], check=True)
+    try:
+        fs = ImageFS(mnt)
+        os.makedirs(fs.project)
+        root = os.path.join(shared_dir, "slurm-paths-root")
+        shutil.copytree(busybox_root, root, symlinks=True)
+        for case, path in [("absolute", fs.top)] + [(c, os.path.join(fs.project, p))
+                                                    for c, p in IMAGE_PATHS.items()]:
+            with open(os.path.join(root, "etc", "image-name"), "w") as f:
+                f.write(case + "\n")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            imagetools.mksquashfs(root, path)
+        for link, target in SYMLINKS.values():
+            os.symlink(target or fs.top, os.path.join(fs.project, link))
+        for dirpath, dirnames, filenames in os.walk(fs.project):
+            for name in dirnames + filenames + ["."]:
+                os.lchown(os.path.join(dirpath, name), job_user.pw_uid, job_user.pw_gid)
+        yield fs
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+        os.rmdir(mnt)
+
+
+@pytest.mark.parametrize("option", ["--container", "--container-image"])
+@pytest.mark.parametrize("case", CASES)
+def test_srun_image_paths(run, image_fs, option, case):
+    path, name = image_fs.case(case)
+    r = run(["srun", "-N1", "-n1", "%s=%s" % (option, path), "cat", "/etc/image-name"], cwd=image_fs.project)
+    assert (r.returncode, r.stdout.strip()) == (0, name), r.stderr
+
+
+def test_sbatch_image_paths(cluster, run, image_fs):
+    """#SBATCH --container / --container-image for every case, and both options on
+    sbatch's command line for a few, submitted at once; every job's srun task
+    must run in the image the path names."""
+    jobs = []   # (label, script name, expected image name)
+    for case in CASES:
+        path, name = image_fs.case(case)
+        for option in ("--container", "--container-image"):
+            jobs.append(("#SBATCH %s %s" % (option, case), "#SBATCH %s=%s" % (option, sbatch_quote(path)), [],
+                         name))
+        if case in ("subdir", "quotes", "non-ascii", "comma-abs", "symlink-relative"):
+            for option in ("--container", "--container-image"):
+                jobs.append(("sbatch %s %s" % (option, case), "", ["%s=%s" % (option, path)], name))
+    submitted = []
+    for i, (label, line, args, name) in enumerate(jobs):
+        script = os.path.join(image_fs.project, "paths-%d.sh" % i)
+        with open(script, "w") as f:
+            f.write("#!/bin/sh\n#SBATCH -N1 -n1\n%s\nsrun cat /etc/image-name\n" % line)
+        r = run(["sbatch", "--parsable", "-o", "paths-%d.out" % i] + args + [script], cwd=image_fs.project)
+        assert r.returncode == 0, "%s: %s" % (label, r.stderr)
+        submitted.append((label, int(r.stdout.strip().split(";")[0]), i, name))
+    wrong = []
+    for label, jid, i, name in submitted:
+        info = slurm.wait(jid, timeout=T, env=cluster.env())
+        with open(os.path.join(image_fs.project, "paths-%d.out" % i), errors="replace") as f:
+            out = f.read()
+        if info["state"] != "COMPLETED" or out.strip() != name:
+            wrong.append("%s: %s %r" % (label, info["state"], out))
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("argv,why", [
+    (["srun", "--container-image=", "true"], "hpcrun: --container-image is empty"),
+    (["srun", "--container=", "true"], "hpcrun: image argument is empty (--container=)"),
+    (["sbatch", "--container-image=", "--wrap=true"], "hpcrun: --container-image is empty"),
+    (["sbatch", "--container=", "--wrap=true"], "hpcrun: image argument is empty (--container=)"),
+    (["sbatch", "empty-container-image.sh"], "hpcrun: --container-image is empty"),
+    (["sbatch", "empty-container.sh"], "hpcrun: image argument is empty (--container=)"),
+])
+def test_empty_image_option_is_refused_by_name(run, jobdir, argv, why):
+    # What `--container-image=$IMG` gives when IMG is unset: one line naming the option.
+    for option in ("container-image", "container"):
+        with open(os.path.join(jobdir, "empty-%s.sh" % option), "w") as f:
+            f.write("#!/bin/sh\n#SBATCH --%s=\nsrun true\n" % option)
+    r = run(argv)
+    assert r.returncode != 0 and "Submitted" not in r.stdout, r.stdout
+    assert [line for line in r.stderr.splitlines() if "hpcrun:" in line] == [
+        line for line in r.stderr.splitlines() if why in line], r.stderr
+    assert why in r.stderr
+
+
+def test_empty_hpcrun_image_fails_the_task_by_name(run):
+    # HPCRUN_IMAGE set but empty in the job (export HPCRUN_IMAGE=$UNSET): the task
+    # is not run on the host unnoticed; hpcrun says which variable, usage error.
+    r = run(["srun", "-N1", "-n1", "true"], env={"HPCRUN_IMAGE": ""})
+    assert r.returncode == 64, r.stdout + r.stderr     # errors.USAGE
+    assert [line for line in r.stderr.splitlines() if line.startswith("hpcrun:")] == [
+        "hpcrun: error: image argument is empty (HPCRUN_IMAGE, set but empty in the task's environment)"]

@@ -5,6 +5,8 @@ import importlib.metadata
 import os
 import subprocess
 
+import pytest
+
 from hpcrun import cmd_task_entry, errors
 
 HANDSHAKE = {"HPCRUN_TASK_ARGV0": "cat", "HPCRUN_TASK_IMAGE": "img.img"}
@@ -46,6 +48,20 @@ def test_task_entry_runs_the_original_program_inside(hpcrun_bin, busybox_image, 
                        env=env, capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
     assert r.stdout.split() == ["ID=hpcrun-test", "0"], r.stderr
     assert r.returncode == 1      # grep -c found no HPCRUN_TASK_* inside
+
+
+@pytest.mark.parametrize("source,subject", [
+    ("HPCRUN_IMAGE", "HPCRUN_IMAGE, set but empty in the task's environment"),
+    ("--container", "--container / SLURM_CONTAINER, set but empty"),
+])
+def test_empty_image_names_its_source(hpcrun_bin, tmp_path, source, subject):
+    # The plugin wraps a task whose image source is set but empty, so that it
+    # fails by name (usage error) instead of running on the host.
+    env = dict(os.environ, HPCRUN_TASK_ARGV0="true", HPCRUN_TASK_IMAGE_FROM=source)
+    env.pop("HPCRUN_TASK_IMAGE", None)
+    r = subprocess.run([hpcrun_bin], env=env, capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert (r.returncode, r.stderr) == (errors.USAGE, "hpcrun: error: image argument is empty (%s)\n" % subject)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_wheel_carries_no_test_bed():

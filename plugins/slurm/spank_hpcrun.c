@@ -15,8 +15,9 @@
  * Which image (first that is set): --container-image, the task's HPCRUN_IMAGE
  * (the cli_filter exports it), Slurm's own --container (SLURM_CONTAINER) unless
  * it is an OCI bundle directory (a config.json inside: Slurm's runtime, not us).
- * A missing image is still handed to hpcrun, so the task fails with hpcrun's
- * clear error and exit code instead of silently running on the host.
+ * A missing or empty image is still handed to hpcrun, so the task fails with
+ * hpcrun's clear error and exit code instead of silently running on the host;
+ * HPCRUN_TASK_IMAGE_FROM names the source for that error.
  *
  * How a task is wrapped: slurm_spank_task_init runs in the task process just
  * before Slurm resolves and execve()s argv[0].  We replace argv[0] with the
@@ -55,6 +56,21 @@ static int opt_batch = 0;
 
 enum { OPT_IMAGE, OPT_MOUNTS, OPT_WORKDIR, OPT_ENV, OPT_BATCH };
 
+static int set_option(int val, const char *optarg, int remote);
+
+/* Indexed by the enum above: set_option names an option by its val. */
+static struct spank_option options[] = {
+    { "container-image", "IMG", "Run the tasks inside the hpcrun image IMG", 1, OPT_IMAGE, set_option },
+    { "container-mounts", "SRC[:DST[:ro]],...", "Bind host paths into the image", 1, OPT_MOUNTS,
+      set_option },
+    { "container-workdir", "DIR", "Working directory inside the image", 1, OPT_WORKDIR, set_option },
+    { "container-env", "NAME[=VALUE],...", "Variables whose task value wins over the image's", 1,
+      OPT_ENV, set_option },
+    { "container-batch", NULL, "Run the batch script inside the image too", 0, OPT_BATCH,
+      set_option },
+    SPANK_OPTIONS_TABLE_END
+};
+
 static int set_option(int val, const char *optarg, int remote)
 {
     char **slot = NULL;
@@ -68,25 +84,14 @@ static int set_option(int val, const char *optarg, int remote)
     default: return -1;
     }
     if (optarg == NULL || *optarg == '\0') {
-        slurm_error("hpcrun: option needs a value");
+        /* Most often an unset shell variable: say which option, refuse the job. */
+        slurm_error("hpcrun: --%s is empty: it needs a value", options[val].name);
         return -1;
     }
     free(*slot);
     *slot = strdup(optarg);
     return 0;
 }
-
-static struct spank_option options[] = {
-    { "container-image", "IMG", "Run the tasks inside the hpcrun image IMG", 1, OPT_IMAGE, set_option },
-    { "container-mounts", "SRC[:DST[:ro]],...", "Bind host paths into the image", 1, OPT_MOUNTS,
-      set_option },
-    { "container-workdir", "DIR", "Working directory inside the image", 1, OPT_WORKDIR, set_option },
-    { "container-env", "NAME[=VALUE],...", "Variables whose task value wins over the image's", 1,
-      OPT_ENV, set_option },
-    { "container-batch", NULL, "Run the batch script inside the image too", 0, OPT_BATCH,
-      set_option },
-    SPANK_OPTIONS_TABLE_END
-};
 
 static int yes(const char *v)
 {
@@ -138,10 +143,10 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
     return 0;
 }
 
-/* The task's value of var, or NULL (static buffer per call site via buf). */
+/* The task's value of var in buf, or NULL when unset; "" when set but empty. */
 static const char *task_env(spank_t sp, const char *var, char *buf, int len)
 {
-    if (spank_getenv(sp, var, buf, len) != ESPANK_SUCCESS || buf[0] == '\0')
+    if (spank_getenv(sp, var, buf, len) != ESPANK_SUCCESS)
         return NULL;
     return buf;
 }
@@ -151,10 +156,10 @@ static int is_oci_bundle(const char *path, const char *cwd)
 {
     char full[4096], cfg[4200];
     struct stat st;
-    if (path[0] == '/' || cwd == NULL)
-        snprintf(full, sizeof full, "%s", path);
-    else
-        snprintf(full, sizeof full, "%s/%s", cwd, path);
+    int n = path[0] == '/' || cwd == NULL ? snprintf(full, sizeof full, "%s", path)
+                                          : snprintf(full, sizeof full, "%s/%s", cwd, path);
+    if (n < 0 || (size_t) n >= sizeof full)   /* too long for a path: not a bundle we can see */
+        return 0;
     if (stat(full, &st) != 0 || !S_ISDIR(st.st_mode))
         return 0;
     snprintf(cfg, sizeof cfg, "%s/config.json", full);
@@ -192,7 +197,7 @@ static int set(spank_t sp, const char *var, const char *val)
 int slurm_spank_task_init(spank_t sp, int ac, char **av)
 {
     static char img_buf[4096], cont_buf[4096], cwd_buf[4096], mounts[8192];
-    const char *image = opt_image;
+    const char *image = opt_image, *from = "--container-image", *c;
     uint32_t stepid = 0;
     int argc = 0;
     char **argv = NULL;
@@ -208,12 +213,19 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
     if (stepid == SLURM_BATCH_SCRIPT && !(opt_batch || batch_default))
         return 0;   /* the batch script runs on the host; its sruns are wrapped */
 
-    if (image == NULL)
-        image = task_env(sp, "HPCRUN_IMAGE", img_buf, sizeof img_buf);
-    if (image == NULL && use_slurm_container) {
-        const char *c = task_env(sp, "SLURM_CONTAINER", cont_buf, sizeof cont_buf);
-        if (c != NULL && !is_oci_bundle(c, getcwd(cwd_buf, sizeof cwd_buf)))
-            image = c;
+    /* The first non-empty source wins.  One that is set but empty (an unset
+     * shell variable, `--container=`) still wraps the task when nothing else
+     * names an image, so hpcrun refuses it by name (usage error) instead of
+     * the task running on the host unnoticed. */
+    if (image == NULL && (c = task_env(sp, "HPCRUN_IMAGE", img_buf, sizeof img_buf)) != NULL) {
+        image = c;
+        from = "HPCRUN_IMAGE";
+    }
+    if ((image == NULL || *image == '\0') && use_slurm_container
+        && (c = task_env(sp, "SLURM_CONTAINER", cont_buf, sizeof cont_buf)) != NULL
+        && (*c == '\0' ? image == NULL : !is_oci_bundle(c, getcwd(cwd_buf, sizeof cwd_buf)))) {
+        image = c;
+        from = "--container";
     }
     if (image == NULL)
         return 0;
@@ -230,7 +242,8 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
         snprintf(mounts + strlen(mounts), sizeof mounts - strlen(mounts), "%s%s",
                  mounts[0] ? "," : "", opt_mounts);
 
-    if (set(sp, "HPCRUN_TASK_IMAGE", image) || set(sp, "HPCRUN_TASK_BIND", mounts)
+    if (set(sp, "HPCRUN_TASK_IMAGE", image) || set(sp, "HPCRUN_TASK_IMAGE_FROM", from)
+        || set(sp, "HPCRUN_TASK_BIND", mounts)
         || set(sp, "HPCRUN_TASK_PWD", opt_workdir) || set(sp, "HPCRUN_TASK_ENV", opt_env)
         || set(sp, "HPCRUN_TASK_BATCH", stepid == SLURM_BATCH_SCRIPT ? "1" : NULL)
         || set(sp, "HPCRUN_TASK_ARGV0", argv[0]))
