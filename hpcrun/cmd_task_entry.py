@@ -8,8 +8,9 @@ in the environment:
     HPCRUN_TASK_ARGV0   the task's original argv[0] (its presence selects task mode)
     HPCRUN_TASK_IMAGE   image path (relative: to the task's cwd, then SLURM_SUBMIT_DIR)
     HPCRUN_TASK_IMAGE_FROM  where the plugin found it: --container-image, HPCRUN_IMAGE, --container
-    HPCRUN_TASK_BIND    comma list of SRC[:DST[:ro|rw]]  (--container-mounts, plugstack mounts=)
-    HPCRUN_TASK_PWD     working directory inside the image (--container-workdir)
+    HPCRUN_TASK_BIND    comma list of SRC[:DST[:ro|rw]]  (--container-mounts, plugstack mounts=);
+                        a relative SRC is the task's cwd's
+    HPCRUN_TASK_PWD     working directory inside the image (--container-workdir; relative: the task's cwd's)
     HPCRUN_TASK_ENV     comma list of NAME or NAME=VALUE (--container-env)
     HPCRUN_TASK_BATCH   "1" for the batch script (its spool directory is bound in)
 
@@ -71,13 +72,17 @@ def launch_argv(args, environ, cwd):
                     "spank_hpcrun plugin")
     opts = []
     for bind in _split(environ.get("HPCRUN_TASK_BIND")):
+        # Slurm users write paths relative to where they submit; hpcrun -B wants them absolute.
+        src, sep, rest = bind.partition(":")
+        if src and not os.path.isabs(src):
+            bind = os.path.join(cwd, src) + sep + rest
         opts += ["--bind", bind]
     if environ.get("HPCRUN_TASK_BATCH") == "1" and os.path.isabs(argv0):
         # The batch script lives in slurmd's spool directory, unknown to the image.
         spool = os.path.dirname(argv0)
         opts += ["--bind", "%s:%s:ro" % (spool, spool)]
     if environ.get("HPCRUN_TASK_PWD"):
-        opts += ["--pwd", environ["HPCRUN_TASK_PWD"]]
+        opts += ["--pwd", os.path.join(cwd, environ["HPCRUN_TASK_PWD"])]
     for item in _split(environ.get("HPCRUN_TASK_ENV")):
         if "=" in item:
             opts += ["--env", item]

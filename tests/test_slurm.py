@@ -3,6 +3,7 @@ on loopback (tests/testbed/cluster.py), the SPANK plugin built from
 plugins/slurm/, the cli_filter.lua, and the real hpcrun.  Jobs run as the
 unprivileged test user, as users' jobs do."""
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -320,6 +321,7 @@ IMAGE_PATHS = {
 # Symlinks in the submit directory: (link, target; None = the absolute image outside it).
 SYMLINKS = {"symlink-relative": ("link.img", "my images/solver v2.img"),
             "symlink-absolute": ("abs link.img", None)}
+DATA_DIR, DATA_SUB, WORK_DIR = "my data", "Bäume q\"'", "w dir/ü"
 CASES = (["absolute"] + sorted(IMAGE_PATHS) + ["%s-abs" % c for c in sorted(IMAGE_PATHS)]
          + sorted(SYMLINKS))
 
@@ -364,6 +366,12 @@ def image_fs(shared_dir, busybox_root, job_user):
             imagetools.mksquashfs(root, path)
         for link, target in SYMLINKS.values():
             os.symlink(target or fs.top, os.path.join(fs.project, link))
+        # Data for --container-mounts and --container-workdir.
+        os.makedirs(os.path.join(fs.project, DATA_DIR, DATA_SUB))
+        with open(os.path.join(fs.project, DATA_DIR, DATA_SUB, "f"), "w") as f:
+            f.write("data\n")
+        os.symlink(DATA_DIR, os.path.join(fs.project, "data link"))
+        os.makedirs(os.path.join(fs.project, WORK_DIR))
         for dirpath, dirnames, filenames in os.walk(fs.project):
             for name in dirnames + filenames + ["."]:
                 os.lchown(os.path.join(dirpath, name), job_user.pw_uid, job_user.pw_gid)
@@ -439,3 +447,37 @@ def test_empty_hpcrun_image_fails_the_task_by_name(run):
     assert r.returncode == 64, r.stdout + r.stderr     # errors.USAGE
     assert [line for line in r.stderr.splitlines() if line.startswith("hpcrun:")] == [
         "hpcrun: error: image argument is empty (HPCRUN_IMAGE, set but empty in the task's environment)"]
+
+
+def test_mounts_and_workdir_paths(run, image_fs):
+    p = image_fs.project
+    data = os.path.join(p, DATA_DIR)
+    cases = [  # (options, command, expected output)
+        (["--container-mounts=%s:/mnt/d a:ro" % data], ["cat", "/mnt/d a/%s/f" % DATA_SUB], "data"),
+        (["--container-mounts=" + DATA_DIR], ["cat", os.path.join(data, DATA_SUB, "f")], "data"),
+        (["--container-mounts=data link:/d"], ["cat", "/d/%s/f" % DATA_SUB], "data"),
+        (["--container-workdir=" + WORK_DIR], ["pwd"], os.path.join(p, WORK_DIR)),
+        (["--container-workdir=" + os.path.join(p, WORK_DIR)], ["pwd"], os.path.join(p, WORK_DIR)),
+    ]
+    for opts, cmd, want in cases:
+        r = run(["srun", "-N1", "-n1", "--container-image=" + IMAGE_PATHS["spaces"]] + opts + cmd, cwd=p)
+        assert (r.returncode, r.stdout.strip()) == (0, want), "%s: %s" % (opts, r.stderr)
+
+
+def test_sbatch_lines_with_real_world_paths_and_container_batch(cluster, run, image_fs):
+    p = image_fs.project
+    q = sbatch_quote
+    with open(os.path.join(p, "batch-paths.sh"), "w") as f:
+        f.write("#!/bin/sh\n#SBATCH -N1 -n1 -o batch-paths.out\n"
+                "#SBATCH --container-image=%s\n#SBATCH --container-batch\n"
+                "#SBATCH --container-mounts=%s\n#SBATCH --container-workdir=%s\n"
+                "cat /etc/image-name; pwd; cat %s\n"
+                % (q(IMAGE_PATHS["non-ascii"]), q("data link:/d:ro"), q(WORK_DIR),
+                   shlex.quote("/d/%s/f" % DATA_SUB)))
+    r = run(["sbatch", "--parsable", "batch-paths.sh"], cwd=p)
+    assert r.returncode == 0, r.stderr
+    info = slurm.wait(int(r.stdout.strip().split(";")[0]), timeout=T, env=cluster.env())
+    with open(os.path.join(p, "batch-paths.out")) as f:
+        out = f.read()
+    assert info["state"] == "COMPLETED", out
+    assert out.split("\n")[:3] == ["non-ascii", os.path.join(p, WORK_DIR), "data"], out

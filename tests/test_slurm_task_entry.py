@@ -72,3 +72,10 @@ def test_the_wheel_carries_no_test_bed():
     pkg = os.path.dirname(hpcrun.__file__)
     assert not os.path.exists(os.path.join(pkg, "testbed")) and not os.path.exists(os.path.join(pkg, "slurm.py"))
     assert "cmd_task_entry.py" in os.listdir(pkg)    # the plugin's hpcrun side does ship
+
+
+def test_relative_mount_sources_and_workdir_are_the_tasks_cwds():
+    env = dict(HANDSHAKE, HPCRUN_TASK_BIND="my data:/d:ro,sub/x,/abs", HPCRUN_TASK_PWD="w dir/ü")
+    argv = cmd_task_entry.launch_argv([], env, "/home/u/run 1")
+    assert argv[:8] == ["--bind", "/home/u/run 1/my data:/d:ro", "--bind", "/home/u/run 1/sub/x",
+                        "--bind", "/abs", "--pwd", "/home/u/run 1/w dir/ü"]
