@@ -12,7 +12,7 @@
  *   --container-env=LIST       NAME (the task's value wins over the image's) or NAME=VALUE
  *   --container-batch          run the batch script itself inside the image too
  *
- * Which image (first that is set): --container-image, the task's HPCRUN_IMAGE
+ * Which image (first non-empty): --container-image, the task's HPCRUN_IMAGE
  * (the cli_filter exports it), Slurm's own --container (SLURM_CONTAINER) unless
  * it is an OCI bundle directory (a config.json inside: Slurm's runtime, not us).
  * A missing or empty image is still handed to hpcrun, so the task fails with
