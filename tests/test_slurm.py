@@ -481,3 +481,11 @@ def test_sbatch_lines_with_real_world_paths_and_container_batch(cluster, run, im
         out = f.read()
     assert info["state"] == "COMPLETED", out
     assert out.split("\n")[:3] == ["non-ascii", os.path.join(p, WORK_DIR), "data"], out
+
+
+def test_salloc_container_image(run, image_fs):
+    # salloc takes the plugin's option (Slurm 22.05 refuses salloc --container
+    # without LaunchParameters=use_interactive_step); its sruns are wrapped.
+    path, name = image_fs.case("non-ascii")
+    r = run(["salloc", "-N1", "--container-image=" + path, "srun", "cat", "/etc/image-name"], cwd=image_fs.project)
+    assert (r.returncode, r.stdout.split()) == (0, [name]), r.stderr
