@@ -1,153 +1,426 @@
-"""End to end under the PBS emulation: qsub with `#PBS -l container_image=`,
-the hooks installed by install.sh, the mom starting the real job shell as the
-test user, and the job running `mpirun -np 2 hpcrun "$HPCRUN_IMAGE" ./hello`
-for real: a C MPI program inside an image built from host files.
+"""plugins/pbs on a real OpenPBS 23.06 (tests/testbed/pbs.py): server, scheduler,
+comm, mom and PostgreSQL on this host, the hooks installed by install.sh --run,
+jobs submitted by a real unprivileged user with qsub, outcomes read back with
+qstat -x -f, tracejob and the jobs' own output files.
 """
-import glob
+import json
 import os
-import pwd
 import shutil
+import stat
 import subprocess
+import tempfile
 
 import pytest
 
-import imagetools
-from pbs_emulation.fixtures import *  # noqa: F401,F403
+from testbed import pbs as testbed
+from testbed import pbs_demo
 
-HELLO_C = r"""
-#include <mpi.h>
-#include <stdio.h>
-#include <string.h>
-int main(int argc, char **argv) {
-    int rank, size, sum = 0;
-    char os[256] = "?";
-    MPI_Init(&argc, &argv);
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
-    FILE *f = fopen("/etc/os-release", "r");     /* the image's, not the host's */
-    if (f) { if (fgets(os, sizeof os, f)) os[strcspn(os, "\n")] = 0; fclose(f); }
-    MPI_Allreduce(&rank, &sum, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-    printf("hello rank %d of %d sum %d %s\n", rank, size, sum, os);
-    MPI_Finalize();
-    return 0;
-}
-"""
-# Open MPI's run-time pieces that ldd cannot see (dlopened components, help texts, params).
-OMPI_RUNTIME = ["/usr/lib/x86_64-linux-gnu/openmpi", "/usr/lib/x86_64-linux-gnu/pmix2",
-                "/usr/share/openmpi", "/etc/openmpi"]
-IMAGE_OS = 'PRETTY_NAME="hpcrun test image (busybox)"'
+pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="the PBS test bed runs PBS's daemons: root")
+
+CONFIG = os.path.join(testbed.REPO, "plugins", "pbs", "hpcrun_pbs.json")
+ONLY_IN_IMAGE = "/opt/solver/input.txt"
 
 
 @pytest.fixture(scope="module")
-def mpi_app(shared_dir):
-    """<dir>/hello (host build) and <dir>/hello.img holding it, its libraries and Open MPI."""
-    d = os.path.join(shared_dir, "pbs-mpi")
-    os.makedirs(d, exist_ok=True)
-    os.chmod(d, 0o755)
-    src = os.path.join(d, "hello.c")
-    with open(src, "w") as f:
-        f.write(HELLO_C)
-    hello = os.path.join(d, "hello")
-    subprocess.run(["mpicc", "-O1", "-o", hello, src], check=True)
-    root = os.path.join(d, "root")
-    imagetools.make_busybox_root(root)
-    imagetools.add_host_program(root, hello)
-    for path in OMPI_RUNTIME:
-        if not os.path.isdir(path):
-            continue
-        shutil.copytree(path, os.path.join(root, path.lstrip("/")), symlinks=True, dirs_exist_ok=True)
-        for so in glob.glob(os.path.join(path, "**", "*.so*"), recursive=True):
-            if os.path.isfile(so) and not os.path.islink(so):
-                imagetools.add_host_program(root, so)
-    image = imagetools.make_image(root, os.path.join(d, "hello.img"))
-    shutil.rmtree(root)
-    return d, image
+def pbs(hpcrun_bin, shared_dir):
+    with open(testbed.HOSTS) as f:
+        hosts_before = f.read()
+    site = testbed.start()
+    site.config_dir = tempfile.mkdtemp(prefix="pbs-config-", dir=shared_dir)
+    site.hpcrun_bin = hpcrun_bin
+    try:
+        r = site.install_hooks(config=write_config(site))
+        assert r.returncode == 0, r.stdout + r.stderr
+        yield site
+    finally:
+        testbed.stop(site)
+    with open(testbed.HOSTS) as f:
+        assert f.read() == hosts_before
+    assert not os.path.exists(testbed.HOSTS_SAVED)
+    assert testbed.running_daemons() == []
 
 
-def job_user(as_user, test_user, hpcrun_bin, image, workdir):
-    """Who can run the job: the test user where `hpcrun IMAGE ./cmd` works for it, else
-    root (hosts where /dev/fuse is root-only).  Skipped, with the launcher's own
-    error, where it works for nobody (the launcher is built alongside this plugin)."""
-    probe = write_file(os.path.join(workdir, "probe"), "#!/bin/sh\necho launcher-ok\n", mode=0o755)
-    os.chown(probe, test_user.pw_uid, test_user.pw_gid)
-    argv = [hpcrun_bin, image, "./probe"]
-    errors = []
-    for user in [test_user] + ([pwd.getpwuid(0)] if os.getuid() == 0 else []):
-        try:
-            if user is test_user:
-                p = as_user(argv, cwd=workdir, timeout=30)
-            else:
-                p = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=30)
-        except subprocess.TimeoutExpired:
-            errors.append("as %s: hung for 30 s" % user.pw_name)
-            continue
-        if p.returncode == 0 and p.stdout.strip() == "launcher-ok":
-            os.unlink(probe)
-            return user
-        errors.append("as %s: rc %d: %s" % (user.pw_name, p.returncode,
-                                             (p.stderr.strip().splitlines() or ["?"])[-1]))
-    pytest.skip("hpcrun launcher not working on this host yet: `hpcrun IMAGE ./probe` "
-                + "; ".join(errors))
+def write_config(site, **changes):
+    cfg = json.load(open(CONFIG))
+    cfg["hpcrun"] = site.hpcrun_bin
+    cfg.update(changes)
+    path = os.path.join(site.config_dir, "hpcrun_pbs.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+@pytest.fixture
+def configure(pbs):
+    """configure(**keys): import a changed hook configuration; the default comes back after."""
+    def apply(**changes):
+        path = write_config(pbs, **changes)
+        for hook in testbed.HOOK_NAMES:
+            pbs.qmgr("import hook %s application/x-config default %s" % (hook, path))
+    yield apply
+    apply()
+
+
+@pytest.fixture(scope="module")
+def app(shared_dir):
+    """The MPI program and its image (with /opt/solver/input.txt, which the host lacks)."""
+    return pbs_demo.build_mpi_app(os.path.join(shared_dir, "pbs-app"))
+
+
+@pytest.fixture
+def work(shared_dir, test_user, app):
+    """The user's submission directory, holding the program and the image."""
+    d = tempfile.mkdtemp(prefix="pbs-job-", dir=shared_dir)
+    shutil.copy(app[0], d)
+    shutil.copy(app[1], os.path.join(d, "hello.img"))
+    own(d, test_user)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def own(path, user):
     for dirpath, dirnames, filenames in os.walk(path):
         for n in [dirpath] + [os.path.join(dirpath, f) for f in filenames]:
-            os.chown(n, user.pw_uid, user.pw_gid)
+            os.lchown(n, user.pw_uid, user.pw_gid)
 
 
-@pytest.fixture
-def job_dir(mpi_app, pub_dir, test_user):
-    """The user's submission directory, holding the app and a copy of the image."""
-    app_dir, image = mpi_app
-    work = os.path.join(pub_dir, "job")
-    os.mkdir(work)
-    shutil.copy(os.path.join(app_dir, "hello"), work)
-    shutil.copy(image, os.path.join(work, "hello.img"))
-    own(work, test_user)
-    return work
+def script(image_line, body, extra=""):
+    return ("#!/bin/sh\n#PBS -l select=1:ncpus=1\n%s%s"
+            'cd "$PBS_O_WORKDIR"\n%s' % (image_line, extra, body))
 
 
-def test_mpi_job_runs_ranks_inside_the_image(pbs_server, pbs_mom, test_user, as_user, hpcrun_bin,
-                                             mpi_app, job_dir):
-    user = job_user(as_user, test_user, hpcrun_bin, mpi_app[1], job_dir)
-    own(job_dir, user)
-    install_hooks(pbs_server)
-    as_root = "--allow-run-as-root " if user.pw_uid == 0 else ""
-    bindir = os.path.dirname(hpcrun_bin)
-    script = ("#!/bin/sh\n"
-              "#PBS -N hello\n"
-              "#PBS -l select=1:ncpus=2:mpiprocs=2\n"
-              "#PBS -l container_image=hello.img\n"
-              'cd "$PBS_O_WORKDIR"\n'
-              'export PATH="%s:$PATH"\n'            # a site would have hpcrun in /usr/local/bin
-              'mpirun %s-np 2 --oversubscribe hpcrun "$HPCRUN_IMAGE" ./hello\n' % (bindir, as_root))
-    r = submit_job(pbs_server, script, user, job_dir)
-    assert r.rc == 0, r.err
-    image = os.path.join(job_dir, "hello.img")
-    assert pbs_server.jobs[r.jobid]["attrs"]["Resource_List"]["container_image"] == image
-    run = pbs_mom.run_job(r.jobid, timeout=240)
-    assert run.exit_status == 0, (run.stdout, run.stderr)
-    assert run.env["HPCRUN_IMAGE"] == image
-    lines = sorted(l for l in run.stdout.splitlines() if l.startswith("hello rank"))
-    assert lines == ["hello rank 0 of 2 sum 1 %s" % IMAGE_OS, "hello rank 1 of 2 sum 1 %s" % IMAGE_OS]
-    assert len(run.hook_results) == 1          # PBS saw the job shell, never the ranks
+def run_job(pbs, user, work, text, args=(), timeout=120):
+    """qsub as `user`, wait until finished: (attrs, output of the job)."""
+    out = os.path.join(work, "job.out")
+    p, jobid = pbs.qsub(user, work, text, args=["-j", "oe", "-o", out] + list(args))
+    assert jobid, p.stderr
+    attrs = pbs.wait(jobid, timeout=timeout)
+    try:
+        with open(out) as f:
+            output = f.read()
+        os.unlink(out)
+    except FileNotFoundError:
+        output = None
+    attrs["id"] = jobid
+    return attrs, output
 
 
-def test_wrapped_job_shell_runs_inside_the_image(pbs_server, pbs_mom, test_user, as_user,
-                                                 hpcrun_bin, busybox_image, job_dir):
-    user = job_user(as_user, test_user, hpcrun_bin, busybox_image, job_dir)
-    own(job_dir, user)
-    install_hooks(pbs_server)
-    cfg = os.path.join(job_dir, "wrap.json")
-    write_file(cfg, '{"wrap_job_shell": true, "hpcrun": "%s"}' % hpcrun_bin)
-    for hook in pbs_server.hooks.values():
-        hook["config"] = open(cfg).read()
-    # -S: the job shell must exist inside the image too
-    r = submit_job(pbs_server, "#PBS -S /bin/sh\n#PBS -l container_image=%s\nhead -1 /etc/os-release\n"
-                   % busybox_image, user, job_dir)
-    assert r.rc == 0, r.err
-    run = pbs_mom.run_job(r.jobid, timeout=120)
-    assert run.exit_status == 0, (run.stdout, run.stderr)
-    assert run.progname == hpcrun_bin and run.argv[0] == "-hpcrun"
-    assert run.stdout.strip() == IMAGE_OS
+def launch_body(pbs):
+    return ('PATH="%s:$PATH"\necho "image=$HPCRUN_IMAGE"\nhpcrun "$HPCRUN_IMAGE" cat %s\n'
+            % (os.path.dirname(pbs.hpcrun_bin), ONLY_IN_IMAGE))
+
+
+def jobs_of(pbs, user):
+    return pbs.cmd(["qselect", "-x", "-u", user.pw_name]).stdout.split()
+
+
+# --- the installation -------------------------------------------------------------------------
+def test_install_creates_the_resource_with_flag_m(pbs):
+    out = pbs.qmgr("list resource container_image").stdout
+    assert "type = string" in out and "flag = m" in out, out
+    hooks = pbs.qmgr("list hook hpcrun_launch").stdout
+    assert "execjob_launch" in hooks and "enabled = true" in hooks
+
+
+def test_install_adds_flag_m_to_an_existing_resource(pbs, test_user, work):
+    pbs.purge_jobs()
+    pbs.remove_hooks()
+    pbs.qmgr("delete resource container_image")
+    pbs.qmgr("create resource container_image type=string")        # an earlier install's
+    # a job (finished: in the history) uses it: PBS refuses a type change then, but takes the flag
+    attrs, _ = run_job(pbs, test_user, work, script("#PBS -l container_image=hello.img\n", "true\n"))
+    assert attrs["Resource_List"]["container_image"] == "hello.img"     # no hooks yet
+    r = pbs.install_hooks(config=write_config(pbs))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "already there, keeping it (create resource container_image" in r.stderr
+    assert "+ qmgr -c 'set resource container_image flag=m'" in r.stdout
+    assert "flag = m" in pbs.qmgr("list resource container_image").stdout
+    # installed again: nothing to fix
+    r = pbs.install_hooks(config=write_config(pbs))
+    assert r.returncode == 0 and "set resource" not in r.stdout, r.stdout + r.stderr
+
+
+def test_install_refuses_when_the_flag_cannot_be_added(pbs, tmp_path):
+    """A qmgr that lists the resource without flag=m and refuses to change it."""
+    fake = tmp_path / "qmgr"
+    fake.write_text('#!/bin/sh\ncase "$2" in\n"list resource"*) printf "Resource container_image\\n'
+                    '    type = string\\n" ;;\n"set resource"*) echo "Resource busy on job" >&2; exit 70 ;;\n'
+                    'create*) exit 1 ;;\nesac\nexit 0\n')
+    fake.chmod(0o755)
+    r = subprocess.run([os.path.join(testbed.REPO, "plugins", "pbs", "install.sh"), "--run", "--qmgr",
+                        str(fake)], capture_output=True, text=True)
+    assert r.returncode == 71
+    assert r.stderr.splitlines()[-1] == ("install.sh: error: resource container_image exists without "
+                                         "flag=m (the launch hook never sees it) and qmgr could not add "
+                                         "the flag: run qmgr -c 'set resource container_image flag=m'")
+
+
+# --- jobs that run in the image ---------------------------------------------------------------
+def test_mpi_ranks_read_a_file_only_the_image_has(pbs, test_user, work):
+    body = ('echo "image=$HPCRUN_IMAGE"\nPATH="%s:$PATH"\nmpirun -np 2 hpcrun "$HPCRUN_IMAGE" ./hello\n'
+            % os.path.dirname(pbs.hpcrun_bin))
+    text = ("#!/bin/sh\n#PBS -l select=1:ncpus=2:mpiprocs=2\n#PBS -l container_image=hello.img\n"
+            'cd "$PBS_O_WORKDIR"\n' + body)
+    attrs, output = run_job(pbs, test_user, work, text, timeout=300)
+    image = os.path.join(work, "hello.img")
+    assert attrs["Exit_status"] == 0, (output, pbs.tracejob(attrs["id"]))
+    assert attrs["Resource_List"]["container_image"] == image
+    assert "image=%s\n" % image in output
+    ranks = sorted(l for l in output.splitlines() if l.startswith("hello rank"))
+    assert ranks == ["hello rank %d of 2 sum 1: %s" % (r, pbs_demo.IMAGE_DATA) for r in (0, 1)], output
+    assert not os.path.exists(ONLY_IN_IMAGE)
+
+
+# Where users keep images, as they ask for them in a job script (a directive) and on qsub's
+# command line (argv), and where the test puts the image ("->x": a symlink to x).  PBS's own
+# rules: a value with spaces or quotes goes in double quotes inside the -l value; -l takes no
+# non-ASCII characters at all (qsub: "illegal character"), so those paths go through the
+# hook's `variable` (-v), or a symlink with an ASCII name.
+PATHS = {
+    "absolute": ("-l container_image={w}/hello.img", ["-l", "container_image={w}/hello.img"], None),
+    "relative": ("-l container_image=hello.img", ["-l", "container_image=hello.img"], None),
+    "relative with directories": ("-l container_image=imgs/v1/hello.img",
+                                  ["-l", "container_image=imgs/v1/hello.img"], "imgs/v1/hello.img"),
+    "dot-dot": ("-l container_image=imgs/../hello.img", ["-l", "container_image=./imgs/../hello.img"], None),
+    "spaces": ("-l 'container_image=\"{w}/my images/solver v2.img\"'",
+               ["-l", 'container_image="{w}/my images/solver v2.img"'], "my images/solver v2.img"),
+    "quotes": ("-l 'container_image=\"{w}/it'\\''s/o'\\''brien v2.img\"'",
+               ["-l", "container_image=\"{w}/it's/o'brien v2.img\""], "it's/o'brien v2.img"),
+    "non-ASCII": ("-v CONTAINER_IMAGE={w}/données/modèle-λ.img",
+                  ["-v", "CONTAINER_IMAGE={w}/données/modèle-λ.img"], "données/modèle-λ.img"),
+    "symlink": ("-l container_image={w}/current.img", ["-l", "container_image={w}/current.img"],
+                "->hello.img"),
+    "symlink to non-ASCII": ("-l container_image=current.img", ["-l", "container_image=current.img"],
+                             "->données/modèle-λ.img"),
+}
+
+
+def place_image(work, user, where):
+    """Put (a copy of, or a symlink to) hello.img at `where`; return its absolute path."""
+    if where is None:
+        return os.path.join(work, "hello.img")
+    if where.startswith("->"):
+        target = place_image(work, user, where[2:]) if where != "->hello.img" else os.path.join(work, "hello.img")
+        link = os.path.join(work, "current.img")
+        os.symlink(target, link)
+        os.lchown(link, user.pw_uid, user.pw_gid)
+        return link
+    dst = os.path.join(work, where)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.copy(os.path.join(work, "hello.img"), dst)
+    own(work, user)
+    return dst
+
+
+@pytest.mark.parametrize("form", ["script", "command line"])
+@pytest.mark.parametrize("kind", list(PATHS))
+def test_image_paths(pbs, test_user, work, configure, kind, form):
+    directive, argv, where = PATHS[kind]
+    expected = os.path.normpath(place_image(work, test_user, where))
+    if directive.startswith("-v"):
+        configure(variable="CONTAINER_IMAGE")
+    if form == "script":
+        text, args = script("#PBS %s\n" % directive.format(w=work), launch_body(pbs)), []
+    else:
+        text, args = script("", launch_body(pbs)), [a.format(w=work) for a in argv]
+    attrs, output = run_job(pbs, test_user, work, text, args=args)
+    assert attrs["Exit_status"] == 0, (output, pbs.tracejob(attrs["id"]))
+    if directive.startswith("-l"):
+        assert attrs["Resource_List"]["container_image"] == expected
+    else:
+        assert attrs["Variable_List"]["CONTAINER_IMAGE"] == expected
+    assert output == "image=%s\n%s\n" % (expected, pbs_demo.IMAGE_DATA)
+
+
+def test_non_ascii_resource_value_is_refused_by_qsub_itself(pbs, test_user, work):
+    p, jobid = pbs.qsub(test_user, work, script("", "true\n"),
+                        args=["-l", "container_image=%s/données.img" % work])
+    assert jobid is None and "illegal character" in p.stderr
+
+
+def test_qsub_l_overrides_the_script(pbs, test_user, work):
+    text = script("#PBS -l container_image=missing.img\n", launch_body(pbs))
+    attrs, output = run_job(pbs, test_user, work, text, args=["-l", "container_image=hello.img"])
+    assert attrs["Exit_status"] == 0, output
+    assert output.startswith("image=%s/hello.img\n" % work)
+
+
+def test_qalter_is_checked_for_the_owner_and_made_absolute(pbs, test_user, work):
+    place_image(work, test_user, "other/hello.img")
+    p, jobid = pbs.qsub(test_user, work, script("#PBS -l container_image=hello.img\n", launch_body(pbs)),
+                        args=["-h", "-j", "oe", "-o", os.path.join(work, "job.out")])
+    assert jobid, p.stderr
+    q = pbs.as_user(test_user, [os.path.join(pbs.bin, "qalter"), "-l", "container_image=nope.img", jobid],
+                    work)
+    assert q.returncode != 0
+    assert q.stderr == ("qalter: container image not found: %s/nope.img (container_image=nope.img) %s\n"
+                        % (work, jobid))
+    # root alters it: the image is still checked for the job's owner, who cannot read this one
+    private = os.path.join(work, "private.img")
+    shutil.copy(os.path.join(work, "hello.img"), private)
+    os.chmod(private, 0o600)
+    q = pbs.cmd(["qalter", "-l", "container_image=" + private, jobid])
+    assert q.returncode != 0 and "not readable by user %s" % test_user.pw_name in q.stderr
+    q = pbs.as_user(test_user, [os.path.join(pbs.bin, "qalter"), "-l", "container_image=other/hello.img",
+                                jobid], work)
+    assert q.returncode == 0, q.stderr
+    assert pbs.job(jobid)["Resource_List"]["container_image"] == os.path.join(work, "other/hello.img")
+    pbs.as_user(test_user, [os.path.join(pbs.bin, "qrls"), jobid], work)
+    attrs = pbs.wait(jobid)
+    with open(os.path.join(work, "job.out")) as f:
+        output = f.read()
+    assert attrs["Exit_status"] == 0, output
+    assert output == "image=%s/other/hello.img\n%s\n" % (work, pbs_demo.IMAGE_DATA)
+
+
+def test_job_array_subjobs_get_the_image(pbs, test_user, work):
+    body = 'echo "$PBS_ARRAY_INDEX $HPCRUN_IMAGE" > "out.$PBS_ARRAY_INDEX"\n'
+    p, jobid = pbs.qsub(test_user, work, script("#PBS -l container_image=hello.img\n", body),
+                        args=["-J", "1-3", "-o", "/dev/null", "-e", "/dev/null"])
+    assert jobid and jobid.split(".")[0].endswith("[]"), p.stderr
+    attrs = pbs.wait(jobid, timeout=180)
+    assert attrs["job_state"] == "F"
+    for i in (1, 2, 3):
+        with open(os.path.join(work, "out.%d" % i)) as f:
+            assert f.read() == "%d %s/hello.img\n" % (i, work)
+
+
+def test_wrap_job_shell_runs_the_script_in_the_image(pbs, test_user, work, configure):
+    configure(wrap_job_shell=True)
+    # -S: the job's shell must exist in the image as well
+    text = script("#PBS -l container_image=hello.img\n#PBS -S /bin/sh\n",
+                  "cat %s\nhead -1 /etc/os-release\n" % ONLY_IN_IMAGE)
+    attrs, output = run_job(pbs, test_user, work, text)
+    assert attrs["Exit_status"] == 0, (output, pbs.tracejob(attrs["id"]))
+    assert output == '%s\nPRETTY_NAME="hpcrun test image (busybox)"\n' % pbs_demo.IMAGE_DATA
+
+
+def test_job_without_image_is_untouched(pbs, test_user, work):
+    text = script("", 'echo "image=${HPCRUN_IMAGE-unset}"\n')
+    attrs, output = run_job(pbs, test_user, work, text)
+    assert attrs["Exit_status"] == 0 and output == "image=unset\n"
+
+
+def test_unset_image_variable_is_one_line_naming_it(pbs, test_user, work):
+    """docs/pbs.md's job scripts use "${HPCRUN_IMAGE:?...}": the shell names the variable."""
+    body = ('PATH="%s:$PATH"\nhpcrun "${HPCRUN_IMAGE:?no image: request one with '
+            '#PBS -l container_image=IMAGE}" true\n' % os.path.dirname(pbs.hpcrun_bin))
+    attrs, output = run_job(pbs, test_user, work, script("", body))
+    assert attrs["Exit_status"] != 0
+    lines = output.splitlines()
+    assert len(lines) == 1 and "HPCRUN_IMAGE: no image: request one with" in lines[0], output
+    # without the :? form hpcrun itself gets "" and says so in one line
+    body = 'PATH="%s:$PATH"\nhpcrun "$HPCRUN_IMAGE" true\n' % os.path.dirname(pbs.hpcrun_bin)
+    attrs, output = run_job(pbs, test_user, work, script("", body))
+    assert attrs["Exit_status"] != 0
+    assert len(output.splitlines()) == 1 and output.startswith("hpcrun: error: "), output
+
+
+# --- refusals at submission -------------------------------------------------------------------
+def refusal_cases(work, pub):
+    notes = os.path.join(work, "notes.txt")
+    with open(notes, "w") as f:
+        f.write("not an image\n")
+    private = os.path.join(pub, "private.img")
+    shutil.copy(os.path.join(work, "hello.img"), private)
+    os.chmod(private, 0o600)
+    fifo = os.path.join(work, "fifo.img")
+    os.mkfifo(fifo)
+    return {
+        "missing": ("missing.img", "container image not found: %s/missing.img (container_image=missing.img)"
+                    % work),
+        "unreadable": (private, "container image not readable by user hpcrun-test: %s (mode 600, owner "
+                       "uid 0 gid 0)" % private),
+        "not an image": ("notes.txt", "not a container image (no hpcrun header, SquashFS or SIF "
+                         "signature): %s" % notes),
+        "fifo": ("fifo.img", "not a container image: not a regular file or directory (%s)" % fifo),
+        "tilde": ("~/x.img", "container_image=~/x.img: '~' is not expanded; give an absolute path or "
+                  "one relative to the submission directory"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "unreadable", "not an image", "fifo", "tilde"])
+def test_refused_at_qsub(pbs, test_user, work, shared_dir, case):
+    pub = tempfile.mkdtemp(dir=shared_dir)
+    os.chmod(pub, 0o755)
+    try:
+        value, message = refusal_cases(work, pub)[case]
+        before = jobs_of(pbs, test_user)
+        p, jobid = pbs.qsub(test_user, work, script("#PBS -l container_image=%s\n" % value, "true\n"))
+        assert jobid is None and p.returncode != 0
+        assert p.stderr == "qsub: %s\n" % message
+        assert jobs_of(pbs, test_user) == before
+    finally:
+        shutil.rmtree(pub)
+
+
+def test_outside_allowed_dirs_is_refused(pbs, test_user, work, configure, shared_dir):
+    allowed = tempfile.mkdtemp(prefix="site-images-", dir=shared_dir)
+    os.chmod(allowed, 0o755)
+    try:
+        configure(allowed_dirs=[allowed])
+        p, jobid = pbs.qsub(test_user, work, script("#PBS -l container_image=hello.img\n", "true\n"))
+        assert jobid is None
+        assert p.stderr == ("qsub: container image %s/hello.img is outside the allowed directories (%s)\n"
+                            % (work, allowed))
+        # a symlink into the allowed directory does not get out of it either way
+        shutil.copy(os.path.join(work, "hello.img"), os.path.join(allowed, "ok.img"))
+        os.symlink(os.path.join(allowed, "ok.img"), os.path.join(work, "ok.img"))
+        p, jobid = pbs.qsub(test_user, work, script("#PBS -l container_image=ok.img\n", "true\n"),
+                            args=["-h"])
+        assert jobid, p.stderr
+        pbs.cmd(["qdel", jobid])
+    finally:
+        shutil.rmtree(allowed)
+
+
+# --- at launch ----------------------------------------------------------------------------------
+def submit_held_then_remove_image(pbs, user, work):
+    doomed = os.path.join(work, "doomed.img")
+    shutil.copy(os.path.join(work, "hello.img"), doomed)
+    p, jobid = pbs.qsub(user, work, script("#PBS -l container_image=doomed.img\n", "true\n"),
+                        args=["-h", "-o", "/dev/null", "-e", "/dev/null"])
+    assert jobid, p.stderr
+    os.unlink(doomed)
+    pbs.cmd(["qrls", jobid], check=True)
+    return jobid, doomed
+
+
+def test_image_vanished_before_launch_deletes_the_job(pbs, test_user, work):
+    jobid, doomed = submit_held_then_remove_image(pbs, test_user, work)
+    attrs = pbs.wait(jobid)
+    assert attrs.get("Exit_status", 0) != 0
+    trace = pbs.tracejob(jobid)
+    assert "hpcrun: container image not found: %s" % doomed in trace, trace
+    assert int(attrs.get("run_count", 1)) <= 1
+
+
+def test_image_vanished_requeues_once_then_deletes(pbs, test_user, work, configure):
+    configure(launch_failure="requeue")
+    jobid, doomed = submit_held_then_remove_image(pbs, test_user, work)
+    attrs = pbs.wait(jobid, timeout=180)
+    trace = pbs.tracejob(jobid)
+    assert attrs["job_state"] == "F", trace
+    # (each hook message is in the trace twice: the job's own log line and the mom's error line)
+    assert "(requeuing the job once)" in trace and "(requeued once already: deleting the job)" in trace
+    assert trace.count("hook rejected request, requiring job to be rerun") == 1, trace
+    assert trace.count("hook rejected request, requiring job to be deleted") == 1, trace
+    assert int(attrs["run_count"]) == 2
+    assert "Hold_Types" not in attrs or attrs["Hold_Types"] == "n"
+
+
+# --- logging ------------------------------------------------------------------------------------
+def test_accepted_images_are_logged_only_at_debug_level(pbs, test_user, work):
+    marker = os.path.join(work, "hello.img")
+    p, jobid = pbs.qsub(test_user, work, script("#PBS -l container_image=hello.img\n", "true\n"),
+                        args=["-h"])
+    assert jobid, p.stderr
+    assert "image %s accepted" % marker not in pbs.log("server")
+    pbs.qmgr("set server log_events = 2047")
+    try:
+        p, jobid2 = pbs.qsub(test_user, work, script("#PBS -l container_image=hello.img\n", "true\n"),
+                             args=["-h"])
+        assert "hpcrun: hpcrun image %s accepted for %s" % (marker, test_user.pw_name) in pbs.log("server")
+    finally:
+        pbs.qmgr("unset server log_events")
+        pbs.cmd(["qdel", jobid, jobid2])

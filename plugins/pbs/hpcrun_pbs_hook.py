@@ -232,6 +232,23 @@ def store(job, cfg, where, path):
 
 
 # --- events -------------------------------------------------------------------
+def log_debug(msg):
+    # pbs.LOG_DEBUG is only a syslog severity: PBS logs it as ADMIN|SYSTEM, which
+    # every default log_events (511) shows.  EVENT_DEBUG3 (0x400) is outside 511:
+    # seen only after `qmgr -c "set server log_events=2047"` (mom: $logevent 2047).
+    pbs.logmsg(pbs.EVENT_DEBUG3, msg)
+
+
+def requeued_before(job):
+    """True when this job has already been requeued by a launch failure: PBS's
+    run_count is 1 on the first run.  Without this a vanished image requeues the
+    job at once, 20 times in a few seconds, until PBS holds it for good."""
+    try:
+        return int(job.run_count or 0) > 1
+    except (TypeError, ValueError):
+        return False
+
+
 def on_submit(e, cfg):
     job = e.job
     original = None
@@ -249,7 +266,7 @@ def on_submit(e, cfg):
     kind = check_image(path, user, cfg, what, value)
     if path != value:
         store(job, cfg, where, path)
-    pbs.logmsg(pbs.LOG_DEBUG, "hpcrun: %s image %s accepted for %s" % (kind, path, user))
+    log_debug("hpcrun: %s image %s accepted for %s" % (kind, path, user))
 
 
 def on_launch(e, cfg):
@@ -267,7 +284,7 @@ def on_launch(e, cfg):
         return
     what = label(cfg, where)
     path = absolute_image_path(value, env.get("PBS_O_WORKDIR") or workdir_of(job), what)
-    check_image(path, job.euser or job.Job_Owner, cfg, what, value)
+    kind = check_image(path, job.euser or job.Job_Owner, cfg, what, value)
     # Item assignment: the mom replaces the task's whole environment with str(e.env).
     env[cfg["export_variable"]] = path
     for k, v in (cfg["job_env"] or {}).items():
@@ -280,6 +297,8 @@ def on_launch(e, cfg):
         argv += [path, e.progname] + list(e.argv[1:])
         e.progname = hpcrun
         e.argv = argv
+    log_debug("hpcrun: job %s: %s image %s exported as %s%s" % (
+        job.id, kind, path, cfg["export_variable"], ", job shell wrapped" if cfg["wrap_job_shell"] else ""))
 
 
 def main():
@@ -299,11 +318,15 @@ def main():
         if server_side:
             e.reject(msg)          # the user sees "qsub: <msg>"
         # On the mom the message only reaches the logs; the owner gets a generic mail.
+        if cfg is not None and cfg["launch_failure"] == "requeue":
+            if requeued_before(e.job):
+                msg += " (requeued once already: deleting the job)"
+            else:
+                msg += " (requeuing the job once)"
+                e.job.rerun()
         jobid = e.job.id if hasattr(e, "job") else ""
         pbs.logjobmsg(jobid, "hpcrun: " + msg)
         pbs.logmsg(pbs.LOG_ERROR, "hpcrun: job %s: %s" % (jobid, msg))
-        if cfg is not None and cfg["launch_failure"] == "requeue":
-            e.job.rerun()
         e.reject("hpcrun: " + msg)
     e.accept()
 

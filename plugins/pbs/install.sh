@@ -6,8 +6,9 @@
 #   options: --config FILE (default: hpcrun_pbs.json next to this script),
 #            --resource NAME (default: container_image; must match the config),
 #            --qmgr PATH (default: qmgr from PATH)
-# The resource is a plain string: do not set flag=h and do not add it to
-# sched_config (the scheduler has nothing to schedule).  See docs/pbs.md.
+# The resource is a string with flag=m: PBS sends a custom resource to the
+# mom (and so to the execjob_launch hook) only with that flag.  No flag=h and
+# not in sched_config: the scheduler has nothing to schedule.  See docs/pbs.md.
 set -eu
 
 dir=$(cd "$(dirname "$0")" && pwd)
@@ -34,7 +35,7 @@ done
 case "$config" in /*) ;; *) config="$(pwd)/$config" ;; esac
 
 commands() {
-    echo "create resource $resource type=string"
+    echo "create resource $resource type=string,flag=m"
     echo "create hook hpcrun_submit"
     echo "set hook hpcrun_submit event=\"queuejob,modifyjob\""
     echo "set hook hpcrun_submit alarm=30"
@@ -55,6 +56,24 @@ if [ "$run" = 0 ]; then
     exit 0
 fi
 
+# An existing resource (an earlier install) must have flag=m, or jobs never
+# get the image at launch: add it, or say why not.
+resource_flags() {
+    "$qmgr" -c "list resource $resource" 2>/dev/null | sed -n 's/^[[:space:]]*flag = //p'
+}
+check_resource() {
+    case "$(resource_flags)" in *m*) return 0 ;; esac
+    echo "+ qmgr -c 'set resource $resource flag=m'"
+    if ! "$qmgr" -c "set resource $resource flag=m"; then
+        echo "install.sh: error: resource $resource exists without flag=m (the launch hook never" \
+             "sees it) and qmgr could not add the flag: run qmgr -c 'set resource $resource flag=m'" >&2
+        exit 71
+    fi
+    case "$(resource_flags)" in *m*) return 0 ;; esac
+    echo "install.sh: error: resource $resource still has no flag=m after setting it" >&2
+    exit 71
+}
+
 commands | while IFS= read -r c; do
     echo "+ qmgr -c '$c'"
     if ! "$qmgr" -c "$c"; then
@@ -64,3 +83,4 @@ commands | while IFS= read -r c; do
         esac
     fi
 done
+check_resource
