@@ -12,7 +12,7 @@ APT_PKGS  = squashfs-tools squashfuse fuse3 openmpi-bin libopenmpi-dev busybox-s
             libpmix-dev python3-venv python3-dev gcc make util-linux lua5.1
 STAMP     = $(VENV)/.installed
 
-.PHONY: all deps venv test demo demo-slurm bench bench-quick plugins clean
+.PHONY: all deps venv test demo demo-slurm demo-pbs pbs bench bench-quick plugins clean
 
 all: venv plugins
 
@@ -55,10 +55,17 @@ $(STAMP): $(VENV)/.base $(PKG_FILES)
 plugins: .deps-stamp
 	$(MAKE) -C plugins/slurm
 
+# A real OpenPBS for tests/test_pbs_e2e.py and demo-pbs: built once per machine
+# from ../shared/vendor/openpbs into /opt/pbs (minutes), again only when the
+# archive changes.  Root only (it installs Debian packages and runs PBS's daemons).
+pbs: .deps-stamp
+	@if [ "$$(id -u)" = 0 ]; then $(PYTHON) tests/testbed/pbs.py build; \
+	else echo "not root: the PBS tests will be skipped"; fi
+
 # TESTS selects (make test TESTS="tests/test_core.py -k bind").  pytest is
 # started from tests/ so that `import hpcrun` finds the installed wheel.
 TESTS ?= .
-test: venv plugins
+test: venv plugins pbs
 	cd tests && $(abspath $(VENV))/bin/python -m pytest -q $(patsubst tests/%,%,$(TESTS))
 
 demo: venv
@@ -66,6 +73,9 @@ demo: venv
 
 demo-slurm: venv plugins
 	$(VENV)/bin/python tests/testbed/demo.py
+
+demo-pbs: venv pbs
+	$(VENV)/bin/python tests/testbed/pbs_demo.py
 
 # As root, the entry benchmark runs as an unprivileged user: the path users take.
 BENCH_USER = $(shell [ "$$(id -u)" = 0 ] && { id hpcrun-test >/dev/null 2>&1 || \
