@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 
 import pytest
 
@@ -67,12 +68,29 @@ def app(shared_dir):
     return pbs_demo.build_mpi_app(os.path.join(shared_dir, "pbs-app"))
 
 
+@pytest.fixture(scope="module")
+def image_fs():
+    """Images on a file system of their own, as on a cluster's shared storage (a tmpfs)."""
+    mnt = tempfile.mkdtemp(prefix="hpcrun-pbs-imgfs-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=0755", "tmpfs", mnt], check=True)
+    try:
+        yield mnt
+    finally:
+        # the last jobs' containers linger (config `linger`, 10 s) before they let go of it
+        deadline = time.monotonic() + 60
+        while subprocess.run(["umount", mnt], capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, "image file system still busy after 60 s"
+            time.sleep(1)
+        os.rmdir(mnt)
+
+
 @pytest.fixture
-def work(shared_dir, test_user, app):
-    """The user's submission directory, holding the program and the image."""
-    d = tempfile.mkdtemp(prefix="pbs-job-", dir=shared_dir)
+def work(image_fs, test_user, app):
+    """The user's submission directory on the image file system, holding the program and
+    the image (SquashFS: hpcrun mounts it in place; this tests paths, not staging)."""
+    d = tempfile.mkdtemp(prefix="job-", dir=image_fs)
     shutil.copy(app[0], d)
-    shutil.copy(app[1], os.path.join(d, "hello.img"))
+    shutil.copy(app[2], os.path.join(d, "hello.img"))
     own(d, test_user)
     yield d
     shutil.rmtree(d, ignore_errors=True)
@@ -156,13 +174,14 @@ def test_install_refuses_when_the_flag_cannot_be_added(pbs, tmp_path):
 
 
 # --- jobs that run in the image ---------------------------------------------------------------
-def test_mpi_ranks_read_a_file_only_the_image_has(pbs, test_user, work):
+def test_mpi_ranks_read_a_file_only_the_image_has(pbs, test_user, work, app):
+    """hpcrun's single-file image format (staged by each node's first rank)."""
+    image = app[1]
     body = ('echo "image=$HPCRUN_IMAGE"\nPATH="%s:$PATH"\nmpirun -np 2 hpcrun "$HPCRUN_IMAGE" ./hello\n'
             % os.path.dirname(pbs.hpcrun_bin))
-    text = ("#!/bin/sh\n#PBS -l select=1:ncpus=2:mpiprocs=2\n#PBS -l container_image=hello.img\n"
-            'cd "$PBS_O_WORKDIR"\n' + body)
+    text = ("#!/bin/sh\n#PBS -l select=1:ncpus=2:mpiprocs=2\n#PBS -l container_image=%s\n"
+            'cd "$PBS_O_WORKDIR"\n' % image + body)
     attrs, output = run_job(pbs, test_user, work, text, timeout=300)
-    image = os.path.join(work, "hello.img")
     assert attrs["Exit_status"] == 0, (output, pbs.tracejob(attrs["id"]))
     assert attrs["Resource_List"]["container_image"] == image
     assert "image=%s\n" % image in output
@@ -236,6 +255,20 @@ def test_non_ascii_resource_value_is_refused_by_qsub_itself(pbs, test_user, work
     p, jobid = pbs.qsub(test_user, work, script("", "true\n"),
                         args=["-l", "container_image=%s/données.img" % work])
     assert jobid is None and "illegal character" in p.stderr
+
+
+@pytest.mark.parametrize("kind", ["hpcrun", "squashfs", "directory", "sif"])
+def test_image_kinds_are_accepted(pbs, test_user, work, app, busybox_root, kind):
+    image = {"hpcrun": app[1], "squashfs": os.path.join(work, "hello.img"), "directory": busybox_root,
+             "sif": os.path.join(work, "x.sif")}[kind]
+    if kind == "sif":      # the hook checks the signature only (SIF_MAGIC at byte 32)
+        with open(image, "wb") as f:
+            f.write(b"#!/usr/bin/env run-singularity\n\0" + b"SIF_MAGIC\0" + b"\0" * 200)
+    p, jobid = pbs.qsub(test_user, work, script("#PBS -l container_image=%s\n" % image, "true\n"),
+                        args=["-h"])
+    assert jobid, p.stderr
+    assert pbs.job(jobid)["Resource_List"]["container_image"] == image
+    pbs.cmd(["qdel", jobid])
 
 
 def test_qsub_l_overrides_the_script(pbs, test_user, work):
@@ -420,7 +453,7 @@ def test_accepted_images_are_logged_only_at_debug_level(pbs, test_user, work):
     try:
         p, jobid2 = pbs.qsub(test_user, work, script("#PBS -l container_image=hello.img\n", "true\n"),
                              args=["-h"])
-        assert "hpcrun: hpcrun image %s accepted for %s" % (marker, test_user.pw_name) in pbs.log("server")
+        assert "hpcrun: squashfs image %s accepted for %s" % (marker, test_user.pw_name) in pbs.log("server")
     finally:
         pbs.qmgr("unset server log_events")
         pbs.cmd(["qdel", jobid, jobid2])

@@ -44,8 +44,9 @@ OMPI_RUNTIME = ["/usr/lib/x86_64-linux-gnu/openmpi", "/usr/lib/x86_64-linux-gnu/
 
 
 def build_mpi_app(d):
-    """<d>/hello (built on the host) and <d>/hello.img: busybox, hello, its libraries, Open
-    MPI's run time and /opt/solver/input.txt, which exists only in the image."""
+    """<d>/hello (built on the host), and <d>/hello.img (hpcrun's single-file format) and
+    <d>/hello.sqfs (plain SquashFS) holding busybox, hello, its libraries, Open MPI's run
+    time and /opt/solver/input.txt, which exists only in the image."""
     os.makedirs(d, exist_ok=True)
     os.chmod(d, 0o755)
     src = os.path.join(d, "hello.c")
@@ -67,8 +68,9 @@ def build_mpi_app(d):
     with open(os.path.join(root, "opt", "solver", "input.txt"), "w") as f:
         f.write(IMAGE_DATA + "\n")
     image = imagetools.make_image(root, os.path.join(d, "hello.img"))
+    squashfs = imagetools.mksquashfs(root, os.path.join(d, "hello.sqfs"))
     shutil.rmtree(root)
-    return hello, image
+    return hello, image, squashfs
 
 
 def demo_user(name="hpcrun-demo"):
