@@ -482,15 +482,18 @@ def test_image_link_in_bind_parent_to_host(case):
 
 
 def test_image_relative_link_stays_inside(case):
-    # ../../../.. from /opt stops at the image root: the destination is the
-    # image's own <victim> path (made on the writable layer), not the host's.
-    victim, src = victim_dir(case), user_src(case)
+    # ../../.. from /opt stops at the image root: /opt/link/new is the image's
+    # own /srv/hostile-<id>/new, made on the writable layer; the host's /srv
+    # (or anything else) is not touched.
+    src = user_src(case)
     root = case.root()
-    hi.link(root, "/opt/link", "../../../../../../.." + victim)
+    inside = "/srv/hostile-" + uuid.uuid4().hex[:8]
+    hi.link(root, "/opt/link", "../../../../../../.." + inside)
     img = case.image(root)
-    r = case.hpcrun("-B", "%s:/opt/link/new" % src, img, "cat", "/opt/link/new/f")
+    case.watch("/srv")
+    r = case.hpcrun("-B", "%s:/opt/link/new" % src, img, "sh", "-c", "cat /opt/link/new/f; ls %s" % inside)
     case.assert_host_untouched()
-    assert_ok(r, "from-the-bind\n")
+    assert_ok(r, "from-the-bind\nnew\n")
     case.assert_clean()
 
 
@@ -919,7 +922,7 @@ def test_special_file_in_image_does_not_hang(case, name, path, kind, dev, sub):
     hi.special(root, path, kind, dev)
     img = case.image(root)
     args = ([sub, img] if sub else [img, "cat", "/marker"])
-    r = case.hpcrun(*args, timeout=45)
+    r = case.hpcrun(*args, timeout=30)
     assert_refused_or(r, (errors.DATA, errors.NOTFOUND), case.token + "\n")
     case.assert_clean()
 
