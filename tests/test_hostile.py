@@ -525,6 +525,29 @@ def test_bind_to_magic_link(case, dst):
     case.assert_clean()
 
 
+def test_hpcrun_bind_variable_to_magic_link(case):
+    # The same through HPCRUN_BIND, as a job script would set it.
+    src = user_src(case)
+    img = case.image(case.root())
+    r = case.hpcrun(img, "cat", "/marker", env={"HPCRUN_BIND": "%s:/proc/self/root" % src})
+    case.assert_host_untouched()
+    assert_refused_or(r, (errors.USAGE, errors.NOPERM), case.token + "\n")
+    case.assert_clean()
+
+
+def test_image_link_under_the_cwd_bind(case):
+    # The working directory (here under /tmp) is bound at its own path: with
+    # the image's /tmp -> /proc/self/root that path leads to the host.
+    src = user_src(case)
+    root = case.root()
+    hi.link(root, "/tmp", "/proc/self/root")
+    img = case.image(root)
+    r = case.hpcrun(img, "cat", "f", cwd=src)
+    case.assert_host_untouched()
+    assert_refused_or(r, (errors.USAGE, errors.NOPERM), "from-the-bind\n")
+    case.assert_clean()
+
+
 ESCAPES = [("/..", errors.NOPERM), ("/a/../../etc", errors.NOPERM), ("/../../tmp", errors.NOPERM),
            ("/", errors.USAGE), ("/a/..", errors.USAGE), ("//", errors.USAGE), ("/./.", errors.USAGE)]
 
@@ -656,6 +679,7 @@ TRAP_CASES = [
     ("command-missing", None, [], ["no-such-cmd"], {}, errors.NOTFOUND, None),
     ("verbose-ok", None, ["-v"], ["cat", "/marker"], {}, 0, "{token}\n"),
     ("run-runscript-from-metadata", "run", [], ["x"], {}, 0, "runscript says x\n"),
+    ("shell-command", "shell", ["-v"], ["cat", "/marker"], {}, 0, "{token}\n"),
     ("debug-pwd-missing", None, ["--debug", "--pwd", "/no/such"], ["true"], {}, errors.NOINPUT, None),
     ("command-is-a-directory", None, [], ["/etc"], {}, errors.NOTEXEC, None),
     ("command-not-executable", None, ["--debug"], ["/marker"], {}, errors.NOTEXEC, None),
