@@ -219,7 +219,7 @@ def place_image(work, user, where):
     if where is None:
         return os.path.join(work, "hello.img")
     if where.startswith("->"):
-        target = place_image(work, user, where[2:]) if where != "->hello.img" else os.path.join(work, "hello.img")
+        target = place_image(work, user, None if where == "->hello.img" else where[2:])
         link = os.path.join(work, "current.img")
         os.symlink(target, link)
         os.lchown(link, user.pw_uid, user.pw_gid)
@@ -328,6 +328,19 @@ def test_wrap_job_shell_runs_the_script_in_the_image(pbs, test_user, work, confi
     assert output == '%s\nPRETTY_NAME="hpcrun test image (busybox)"\n' % pbs_demo.IMAGE_DATA
 
 
+def test_tm_tasks_are_left_alone(pbs, test_user, work):
+    """pbsdsh starts a task through PBS's task manager: execjob_launch fires for it too (hex
+    PBS_TASKNUM), and the hook must not check it again: the image is gone by then."""
+    doomed = os.path.join(work, "mine.img")
+    shutil.copy(os.path.join(work, "hello.img"), doomed)
+    os.chown(doomed, test_user.pw_uid, test_user.pw_gid)
+    body = 'rm "$HPCRUN_IMAGE"\n%s -- /bin/sh -c \'echo "tm task $PBS_TASKNUM"\'\n' % os.path.join(
+        pbs.bin, "pbsdsh")
+    attrs, output = run_job(pbs, test_user, work, script("#PBS -l container_image=mine.img\n", body))
+    assert attrs["Exit_status"] == 0, (output, pbs.tracejob(attrs["id"]))
+    assert output.startswith("tm task 0000000"), output
+
+
 def test_job_without_image_is_untouched(pbs, test_user, work):
     text = script("", 'echo "image=${HPCRUN_IMAGE-unset}"\n')
     attrs, output = run_job(pbs, test_user, work, text)
@@ -405,6 +418,40 @@ def test_outside_allowed_dirs_is_refused(pbs, test_user, work, configure, shared
         pbs.cmd(["qdel", jobid])
     finally:
         shutil.rmtree(allowed)
+
+
+def test_custom_resource_and_variable(pbs, test_user, work, configure):
+    cfg = os.path.join(pbs.config_dir, "site.conf.txt")       # any suffix: PBS keeps it as <hook>.CF
+    with open(cfg, "w") as f:
+        json.dump({"resource": "hpcrun_image", "variable": "CONTAINER_IMAGE", "hpcrun": pbs.hpcrun_bin}, f)
+    r = pbs.install_hooks(config=cfg, resource="hpcrun_image")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "flag = m" in pbs.qmgr("list resource hpcrun_image").stdout
+    p, jobid = pbs.qsub(test_user, work, script("#PBS -l hpcrun_image=nope.img\n", "true\n"))
+    assert p.stderr == "qsub: container image not found: %s/nope.img (hpcrun_image=nope.img)\n" % work
+    p, jobid = pbs.qsub(test_user, work, script("", "true\n"), args=["-v", "CONTAINER_IMAGE=nope.img"])
+    assert p.stderr == "qsub: container image not found: %s/nope.img (CONTAINER_IMAGE=nope.img)\n" % work
+    text = script("#PBS -l hpcrun_image=hello.img\n", launch_body(pbs))
+    attrs, output = run_job(pbs, test_user, work, text)
+    assert output == "image=%s/hello.img\n%s\n" % (work, pbs_demo.IMAGE_DATA)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{not json", "hpcrun hook configuration is not valid JSON"),
+    ('{"resoruce": "x"}', "hpcrun hook configuration has unknown keys resoruce"),
+    ('{"wrap_job_shell": true, "hpcrun": "hpcrun"}',
+     "hpcrun hook configuration: hpcrun must be an absolute path (hpcrun)"),
+])
+def test_bad_configuration_refuses_jobs_for_the_admin(pbs, test_user, work, configure, text, message):
+    path = os.path.join(pbs.config_dir, "bad.txt")
+    with open(path, "w") as f:
+        f.write(text)
+    for hook in testbed.HOOK_NAMES:
+        pbs.qmgr("import hook %s application/x-config default %s" % (hook, path))
+    p, jobid = pbs.qsub(test_user, work, script("#PBS -l container_image=hello.img\n", "true\n"))
+    assert jobid is None
+    assert p.stderr.startswith("qsub: " + message) and p.stderr.endswith(". Please inform Admin\n")
+    assert p.stderr.count("\n") == 1
 
 
 # --- at launch ----------------------------------------------------------------------------------

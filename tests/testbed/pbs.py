@@ -132,19 +132,24 @@ def build(force=False):
                 for step in steps:
                     if subprocess.run(step, cwd=tree, stdout=out, stderr=subprocess.STDOUT,
                                       env=env).returncode != 0:
-                        raise TestbedError("OpenPBS build failed at %s; see %s" % (" ".join(step), logfile))
+                        raise TestbedError("OpenPBS build failed at %s" % " ".join(step))
                 if os.path.isdir(PREFIX):
                     stop_daemons()
                     shutil.rmtree(PREFIX)
                 if subprocess.run(["make", "install"], cwd=tree, stdout=out, stderr=subprocess.STDOUT,
                                   env=env).returncode != 0:
-                    raise TestbedError("OpenPBS make install failed; see %s" % logfile)
+                    raise TestbedError("OpenPBS make install failed")
             with open(STAMP, "w") as f:
                 f.write("%s  %s\n" % (digest, os.path.basename(src)))
         except BaseException:
-            log("build failed; log kept in %s" % logfile)
+            # keep the log, not the tree (hundreds of MB)
+            kept = os.path.join(tempfile.gettempdir(), "hpcrun-openpbs-build.log")
+            if os.path.exists(logfile):
+                shutil.copy(logfile, kept)
+            log("build failed; log kept in %s" % kept)
             raise
-        shutil.rmtree(work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         log("built in %.0f s" % (time.monotonic() - t0))
 
 
