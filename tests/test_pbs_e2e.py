@@ -400,6 +400,16 @@ def test_refused_at_qsub(pbs, test_user, work, shared_dir, case):
         shutil.rmtree(pub)
 
 
+def test_empty_image_is_refused_naming_the_resource_or_variable(pbs, test_user, work, configure):
+    configure(variable="CONTAINER_IMAGE")
+    for args, what in [(["-v", "CONTAINER_IMAGE="], "CONTAINER_IMAGE"),
+                       (["-l", 'container_image=" "'], "container_image")]:
+        p, jobid = pbs.qsub(test_user, work, script("", "true\n"), args=args)
+        assert jobid is None
+        assert p.stderr == ("qsub: %s is empty: give the path of an image, e.g. %s=/apps/img/solver.img\n"
+                            % (what, what)), args
+
+
 def test_outside_allowed_dirs_is_refused(pbs, test_user, work, configure, shared_dir):
     allowed = tempfile.mkdtemp(prefix="site-images-", dir=shared_dir)
     os.chmod(allowed, 0o755)

@@ -450,16 +450,19 @@ def stop(pbs=None):
 
 
 def running_daemons():
-    """PIDs of PBS daemons started from this installation."""
+    """PIDs of PBS's daemons: programs of this installation, and the PostgreSQL
+    (Debian's binaries) that serves PBS_HOME's datastore."""
     pids = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             exe = os.readlink("/proc/%s/exe" % pid)
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                cmdline = f.read()
         except OSError:
             continue
-        if exe.startswith(PREFIX + "/") or exe.startswith(os.path.join(PREFIX, "pgsql")):
+        if exe.startswith(PREFIX + "/") or os.path.join(HOME, "datastore").encode() in cmdline:
             pids.append(int(pid))
     return pids
 
