@@ -470,6 +470,33 @@ def test_image_link_leads_nowhere(case, name, path, target):
     case.assert_clean()
 
 
+@pytest.mark.parametrize("kind", ["sqfs", "dir"])
+def test_image_link_leads_nowhere_other_kinds(case, kind):
+    # The same /var/tmp -> /proc/self/root in a plain SquashFS file and in a
+    # directory image (sandbox): one resolution for every kind.
+    victim_dir(case)
+    root = case.root()
+    hi.link(root, "/var/tmp", "/proc/self/root")
+    img = root if kind == "dir" else case.image(root, "img.sqfs", kind="sqfs")
+    r = case.hpcrun(img, "cat", "/marker")
+    case.assert_host_untouched()
+    assert_refused_or(r, (errors.USAGE, errors.NOPERM, errors.DATA), case.token + "\n")
+    case.assert_clean()
+
+
+def test_image_link_loop_in_bind_destination(case):
+    src = user_src(case)
+    root = case.root()
+    hi.link(root, "/opt/a", "/opt/b")
+    hi.link(root, "/opt/b", "../opt/a")
+    hi.link(root, "/etc/passwd", "/etc/passwd")
+    img = case.image(root)
+    r = case.hpcrun("-B", "%s:/opt/a/x" % src, img, "true", timeout=30)
+    case.assert_host_untouched()
+    assert_error(r, errors.USAGE)
+    case.assert_clean()
+
+
 def test_image_link_in_bind_parent_to_host(case):
     # -B SRC:/opt/link/new with /opt/link -> /proc/self/root<victim>: the mount
     # point would be made in the host's victim directory.
