@@ -410,12 +410,11 @@ def case(request, base, hpcrun_bin, test_user):
     c.cleanup()
 
 
-@pytest.fixture(scope="module")
-def small_payload(base):
-    """The bytes of a small valid SquashFS (a busybox root)."""
-    root = os.path.join(base, "payload-root")
-    hi.base_root(root, "payload")
-    sq = hi.squashfs(root, os.path.join(base, "payload.sqfs"))
+@pytest.fixture
+def small_payload(case):
+    """The bytes of a small valid SquashFS of this case's own (its digest names
+    nothing of another case's)."""
+    sq = hi.squashfs(case.root("payload-root"), os.path.join(case.dir, "payload.sqfs"))
     with open(sq, "rb") as f:
         return f.read()
 
