@@ -1,6 +1,6 @@
-"""One launch, as a straight line: argv -> image -> plan -> namespace -> exec.
+"""One launch, as a straight line: argv -> image -> plan -> join -> exec.
 
-Nothing forks here except, once per node, the keeper (namespace.py).  The
+Nothing forks here except, once per node, the keeper (node.py).  The
 process that the MPI launcher or srun started becomes the program: same PID,
 same inherited descriptors (PMI_FD ...), its signals and exit status are the
 program's own.
@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from hpcrun import config, environment, errors, image, namespace, plan as plan_mod
+from hpcrun import config, environment, errors, image, join, plan as plan_mod
 
 
 def launch(opts):
@@ -23,7 +23,7 @@ def launch(opts):
     if opts.runscript:
         import json  # noqa: F401  (needed inside, where Python's library is gone)
     t1 = time.perf_counter()
-    namespace.join(plan, cfg, timing)                        # now inside the node's container
+    join.join(plan, cfg, timing)                             # now inside the node's container
     t2 = time.perf_counter()
     for w in plan.get("warnings", ()):
         sys.stderr.write("hpcrun: warning: %s\n" % w)

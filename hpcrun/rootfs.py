@@ -1,9 +1,10 @@
-"""Assemble the container's root filesystem, inside the keeper.
+"""The mounted image -> the container's root, inside the keeper.
 
-Called once per node per key, after the keeper unshared its namespaces:
-  tmpfs workspace -> image mounted (stage.py) -> MPI/GPU preparation ->
-  overlay (tmpfs upper, so missing mount points can be made) -> generated
-  files (passwd, group) -> binds -> root remounted read-only -> pivot_root.
+Called once per node per key by the keeper (node.py), after it unshared its
+namespaces, mounted the image (stage.py) and wired the site's MPI/GPU
+libraries: overlay (tmpfs upper, so missing mount points can be made) ->
+generated files (passwd, group, launch.env) -> binds -> root remounted
+read-only -> pivot_root.
 
 Bind destinations are resolved inside the new root as if it were already /
 (resolve_in_root): an image's symlink can redirect a bind only to another
@@ -19,53 +20,9 @@ from hpcrun import errors, linux
 NOSUID_NODEV = linux.MS_NOSUID | linux.MS_NODEV
 
 
-class Built:
-    def __init__(self, stage):
-        self.stage = stage
-
-
-def build(plan, cfg, dir_fd, run_dir):
-    uid, gid = plan["uid"], plan["gid"]
-    ws = os.path.join(run_dir, plan["key"] + ".d")
-    try:
-        os.mkdir(plan["key"] + ".d", 0o700, dir_fd=dir_fd)
-    except FileExistsError:
-        pass
-    try:
-        if plan["userns"]:
-            linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWNS)
-            _map_ids(uid, gid)
-        else:
-            linux.unshare(linux.CLONE_NEWNS)
-    except OSError as e:
-        if plan["userns"]:
-            raise errors.Error(errors.UNAVAILABLE, "user namespaces are disabled on this host (%s); "
-                               "ask the administrator to enable them" % e.strerror,
-                               "kernel.unprivileged_userns_clone / user.max_user_namespaces")
-        raise errors.Error(errors.OSERR, "cannot create a mount namespace: %s" % e.strerror)
-    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    linux.mount("hpcrun", ws, "tmpfs", NOSUID_NODEV, "mode=0755")
-    try:
-        return _assemble(plan, cfg, dir_fd, run_dir, ws)
-    except BaseException:
-        try:
-            linux.umount2(ws, linux.MNT_DETACH)    # so the keeper can remove <key>.d
-        except OSError:
-            pass
-        raise
-
-
-def _assemble(plan, cfg, dir_fd, run_dir, ws):
-    from hpcrun import stage as stage_mod
-    for d in ("image", "upper", "work", "root", "files"):
-        os.mkdir(os.path.join(ws, d), 0o755)
-
-    st = stage_mod.mount_image(plan, os.path.join(ws, "image"), dir_fd, run_dir)
-    built = Built(st)
-    image_root = os.path.join(ws, "image")
-    plan["image_meta"] = _read_meta(image_root)
-    _prepare_hooks(plan, cfg, image_root)
-
+def assemble(plan, ws, image_root):
+    """The root from the image mounted at image_root, in the workspace ws
+    (a tmpfs): overlay, generated files, binds, read-only, pivot_root."""
     root = os.path.join(ws, "root")
     files = os.path.join(ws, "files")
     generated = _generated_files(plan, image_root, files)
@@ -93,7 +50,6 @@ def _assemble(plan, cfg, dir_fd, run_dir, ws):
     linux.pivot_root(".", ".")
     linux.umount2(".", linux.MNT_DETACH)
     os.chdir("/")
-    return built
 
 
 def _precreate_mount_points(image_root, upper, binds):
@@ -119,17 +75,8 @@ def _precreate_mount_points(image_root, upper, binds):
             pass          # _bind() reports it, with the bind named
 
 
-def _map_ids(uid, gid):
-    """The user inside is the user outside: map our ids to themselves, nothing else."""
-    with open("/proc/self/setgroups", "w") as f:
-        f.write("deny")
-    with open("/proc/self/uid_map", "w") as f:
-        f.write("%d %d 1" % (uid, uid))
-    with open("/proc/self/gid_map", "w") as f:
-        f.write("%d %d 1" % (gid, gid))
-
-
-def _read_meta(image_root):
+def read_meta(image_root):
+    """/.hpcrun/image.json of the mounted image, or {}."""
     import json
     path, ok = resolve_in_root(image_root, "/.hpcrun/image.json")
     if not ok:
@@ -141,27 +88,9 @@ def _read_meta(image_root):
         return {}
 
 
-def _prepare_hooks(plan, cfg, image_root):
-    """Site wiring that depends on the image's content (MPI ABI, GPU driver)."""
-    if plan["mpi"] != "none":
-        try:
-            from hpcrun import mpi
-        except ImportError:
-            mpi = None
-        if mpi is not None and hasattr(mpi, "prepare"):
-            mpi.prepare(plan, image_root, cfg, plan["mpi"])
-    for kind in ("nv", "rocm"):
-        if plan.get(kind):
-            from hpcrun import gpu
-            gpu.prepare(plan, image_root, cfg, kind)
-
-
 def _generated_files(plan, image_root, files):
     """passwd/group with the caller's entry, and launch.env for the ranks."""
     import grp
-    if plan["user"] is None:
-        from hpcrun.plan import user_entry
-        plan["user"] = user_entry(plan["uid"], os.environ)
     user = plan["user"]
     out = []
     passwd = _read_text(image_root, "/etc/passwd")

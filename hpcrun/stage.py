@@ -19,7 +19,7 @@ import fcntl
 import os
 import time
 
-from hpcrun import errors, linux
+from hpcrun import errors, fdio, linux
 
 
 def strategy(plan):
@@ -92,9 +92,8 @@ class Child:
 
     def stderr(self):
         """What it wrote to stderr (call once it has exited)."""
-        from hpcrun.namespace import read_all
         fd, self.err_fd = self.err_fd, None
-        return read_all(fd).decode(errors="replace")
+        return fdio.read_all(fd).decode(errors="replace")
 
     def stop(self):
         if self.poll() is None:
@@ -204,7 +203,6 @@ def _staged_payload(img, st, run_dir_fd, run_dir):
     staged copy, and each holds LOCK_SH on it for its whole life, so a
     creator must never *wait* for LOCK_EX: it takes LOCK_SH, and only when the
     copy is missing tries a non-blocking upgrade to copy it."""
-    from hpcrun.namespace import lock_current
     try:
         os.mkdir("stage", 0o700, dir_fd=run_dir_fd)
     except FileExistsError:
@@ -212,7 +210,7 @@ def _staged_payload(img, st, run_dir_fd, run_dir):
     name = img["ident"].replace("/", "_").replace(":", "_")[:120]
     path = os.path.join(run_dir, "stage", name + ".sqfs")
     while True:
-        lock_fd = lock_current(run_dir_fd, "stage/%s.lock" % name, fcntl.LOCK_SH)
+        lock_fd = fdio.lock_current(run_dir_fd, "stage/%s.lock" % name, fcntl.LOCK_SH)
         if os.path.exists(path):
             break
         try:

@@ -1233,3 +1233,57 @@ def test_many_ranks_at_once_share_one_container(user_caller, core_dir, busybox_r
     # the last rank gone, the keeper leaves and takes the staged payload with it
     assert eventually(lambda: not keepers_of(img), 60)
     assert [n for n in os.listdir(os.path.join(c.run_dir, "stage")) if digest in n] == []
+
+
+# ============================================================ 10. the floors ===
+
+def _hpcrun_imports():
+    """{module: {imported hpcrun module, top level or lazy}} read from the installed package's source."""
+    import ast
+    import hpcrun
+    pkg = os.path.dirname(hpcrun.__file__)
+    graph = {}
+    for name in os.listdir(pkg):
+        if not name.endswith(".py"):
+            continue
+        mod = name[:-3]
+        tree = ast.parse(open(os.path.join(pkg, name)).read())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "hpcrun":
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hpcrun."):
+                deps.add(node.module.split(".")[1])
+        graph[mod] = deps - {"VERSION", mod}
+    return graph
+
+
+# The node container's floors (docs/design.md): each may import only what is listed.
+FLOORS = {
+    "join": {"errors", "fdio", "node", "rankcalls"},
+    "node": {"errors", "fdio", "linux", "stage", "rootfs", "mpi", "gpu", "plan"},
+    "stage": {"errors", "fdio", "linux"},
+    "rootfs": {"errors", "fdio", "linux"},
+    "fdio": set(),
+    "linux": set(),
+    "rankcalls": {"linux"},
+}
+
+
+def test_import_floors():
+    graph = _hpcrun_imports()
+    for mod, allowed in FLOORS.items():
+        assert graph[mod] <= allowed, "%s imports %s (allowed: %s)" % (mod, graph[mod] - allowed, allowed)
+    # no circles among the package's modules (subpackages counted as one)
+    state = {}
+
+    def visit(m, path):
+        if state.get(m) == "done":
+            return
+        assert state.get(m) != "open", "import circle: %s" % " -> ".join(path + [m])
+        state[m] = "open"
+        for d in sorted(graph.get(m, ())):
+            visit(d, path + [m])
+        state[m] = "done"
+    for m in sorted(graph):
+        visit(m, [])

@@ -1,42 +1,46 @@
-"""One container per node: the keeper, and how every rank joins it.
+"""The node's container: its run directory and its keeper's whole life.
 
 Ranks of a job step on a node must share one user namespace (else Open MPI
 loses its single-copy CMA path: "not available due to different user
-namespaces") and should share one mount (else N ranks make N mounts).  So:
+namespaces") and should share one mount (else N ranks make N mounts).  One
+*keeper* process per (user, image, mount plan) holds those namespaces; every
+rank joins them (join.py).
 
-  join(plan):
-    lock  run_dir/<key>.lock  shared            (many ranks join at once)
-    if run_dir/<key>.pid names a live keeper:  setns() into its namespaces
-    else: relock exclusive, re-check, fork a keeper, wait until it is ready,
-          then setns() into its namespaces
-    unlock; return inside the container (root and cwd at its /)
+State lives in run_dir (private to the user): <key>.lock (flock: shared while
+a rank joins, exclusive to start or end a keeper), <key>.pid (the keeper's PID
+and start time), <key>.d (the keeper's workspace, empty seen from the host)
+and stage/ (stage.py).
 
-  keeper (double-forked, setsid, so the rank that started it can exec and
-  exit without taking it along, and never sees it as a child):
-    unshare(user+mount) (mount only as root), map uid/gid to themselves,
-    mount the image (stage.py), overlay a tmpfs for mount points, write
-    passwd/group, make the binds, remount the root read-only, pivot_root,
-    write its record, tell the creator "ready", then wait; every second it
-    looks for processes in its mount namespace, and once none has been seen
-    for `linger` seconds it takes the lock exclusively (no join can be half
-    done then), removes its record and exits; its mounts go with it.
+The keeper's life:
+  start    start(): double fork + setsid, so the rank that started it can
+           exec and exit without taking it along, and never sees it as a child;
+           the rank waits (with a time limit) for "ready" or the keeper's error.
+  build    unshare(user+mount) (mount only as root), map uid/gid to
+           themselves, a tmpfs workspace, the image mounted there (stage.py),
+           the site's MPI/GPU wiring for this image, the root assembled and
+           pivoted into (rootfs.py); then its record, then "ready".
+  find     find(): the record's PID and start time name a live keeper.
+  linger   every second it looks for processes in its mount namespace; once
+           none has been seen for `linger` seconds it takes the lock
+           exclusively (no join can be half done then),
+  remove   removes its record and lock and exits; its mounts go with it.
 
-A keeper that dies (killed) leaves a record naming a dead PID: the next rank
-sees that (PID and start time both checked) and starts a new one.  A rank that
-dies mid-join holds nothing but a lock fd, which the kernel releases.
+A keeper that dies (killed) leaves a record naming a dead PID: find() sees
+that (PID and start time both checked) and the next rank starts a new one.
+
+Imports: errors and fdio here; stage, rootfs, linux (ctypes) and the MPI/GPU
+wiring only inside the keeper, so a rank that joins loads none of them.
 """
-import fcntl
 import os
 import time
 
-from hpcrun import errors
+from hpcrun import errors, fdio
 
 NS_FILES = ("user", "mnt")
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
+READY_TIMEOUT = 120       # seconds a rank waits for a new keeper (squashfuse alone may take 30)
 
 
-# ------------------------------------------------------------------ join ---
+# ------------------------------------------------------------ run_dir ---
 
 def run_dir_path(cfg, uid):
     return cfg.get("run_dir", "/tmp/hpcrun-%u").replace("%u", str(uid))
@@ -67,53 +71,6 @@ def open_run_dir(path, uid):
     raise errors.Error(errors.OSERR, "cannot create hpcrun's run directory", path)
 
 
-def lock_current(dir_fd, name, mode):
-    """flock a lock file that may be unlinked by a departing keeper (or stager):
-    retry until the file we locked is the one the name points to."""
-    while True:
-        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-        fcntl.flock(fd, mode)
-        try:
-            if os.stat(name, dir_fd=dir_fd).st_ino == os.fstat(fd).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-def _keeper_pid(dir_fd, key):
-    """The live keeper's PID from its record, or None."""
-    try:
-        fd = os.open(key + ".pid", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return None
-    try:
-        data = os.read(fd, 128).split()
-    finally:
-        os.close(fd)
-    if len(data) != 2:
-        return None
-    pid, start = int(data[0]), data[1]
-    if _start_time(pid) != start:
-        return None           # dead, or its PID was reused
-    return pid
-
-
-def _start_time(pid):
-    """/proc/PID/stat's start time, or None for a dead process.  A zombie
-    still has its stat (until init reaps it, which can take seconds) but no
-    namespaces left to join: dead too."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return fields[19]
-
-
 def linger_seconds(cfg):
     """How long a node's container outlives its last process; checked by the
     rank, before any keeper exists, so a bad value is a config error."""
@@ -128,50 +85,44 @@ def linger_seconds(cfg):
     return value
 
 
-def join(plan, cfg, timing):
-    from hpcrun import rankcalls
-    uid = plan["uid"]
-    run_dir = run_dir_path(cfg, uid)
-    dir_fd = open_run_dir(run_dir, uid)
-    key = plan["key"]
-    lock = lock_current(dir_fd, key + ".lock", fcntl.LOCK_SH)
+# --------------------------------------------------------------- find ---
+
+def find(dir_fd, key):
+    """The live keeper's PID from its record, or None."""
     try:
-        pid = _keeper_pid(dir_fd, key)
-        fds = _namespaces(pid)
-        if fds is None:                 # none yet, or it just died: start one
-            os.close(lock)
-            lock = lock_current(dir_fd, key + ".lock", fcntl.LOCK_EX)
-            pid = _keeper_pid(dir_fd, key)
-            fds = _namespaces(pid)
-            if fds is None:
-                linger = linger_seconds(cfg)
-                try:
-                    pid = _start_keeper(plan, cfg, dir_fd, run_dir, linger)
-                except BaseException:
-                    _remove(dir_fd, key + ".lock")   # we hold it exclusively: nobody is inside
-                    raise
-                timing.append(("keeper", None))
-                fds = _namespaces(pid)
-                if fds is None:
-                    raise errors.Error(errors.OSERR, "the node's container exited right after it started",
-                                       "pid %d" % pid)
-        try:
-            if plan["userns"]:
-                rankcalls.setns(fds[0], CLONE_NEWUSER)
-            rankcalls.setns(fds[1], CLONE_NEWNS)
-        except OSError as e:
-            raise errors.Error(errors.OSERR, "cannot join the node's container: %s" % e.strerror, "pid %d" % pid)
-        finally:
-            for fd in fds:
-                os.close(fd)
+        fd = os.open(key + ".pid", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    try:
+        data = os.read(fd, 128).split()
     finally:
-        os.close(lock)
-        os.close(dir_fd)
+        os.close(fd)
+    if len(data) != 2:
+        return None
+    pid, start = int(data[0]), data[1]
+    if start_time(pid) != start:
+        return None           # dead, or its PID was reused
+    return pid
 
 
-def _namespaces(pid):
-    """Open the keeper's namespace files, or None if it is gone (they pin the
-    namespaces from here on, even if it exits now)."""
+def start_time(pid):
+    """/proc/PID/stat's start time, or None for a dead process.  A zombie
+    still has its stat (until init reaps it, which can take seconds) but no
+    namespaces left to join: dead too."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return fields[19]
+
+
+def namespaces(pid):
+    """Open the keeper's namespace files (user, mnt), or None if it is gone
+    (they pin the namespaces from here on, even if it exits now)."""
     if pid is None:
         return None
     fds = []
@@ -185,10 +136,11 @@ def _namespaces(pid):
     return fds
 
 
-# ---------------------------------------------------------------- keeper ---
+# -------------------------------------------------------------- start ---
 
-def _start_keeper(plan, cfg, dir_fd, run_dir, linger):
-    """Fork the keeper (double fork) and wait for 'ready' or its error."""
+def start(plan, cfg, dir_fd, run_dir, linger):
+    """Fork the keeper (double fork) and wait for 'ready' or its error.
+    The caller holds <key>.lock exclusively."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:                                   # intermediate child
@@ -211,7 +163,7 @@ def _start_keeper(plan, cfg, dir_fd, run_dir, linger):
             os._exit(0)
     os.close(w)
     os.waitpid(pid, 0)
-    msg = read_all(r)
+    msg = fdio.read_all(r)
     if msg.startswith(b"ready "):
         # "ready PID" then the keeper's warnings and notes (MPI and GPU wiring
         # is decided in there), one per line: only this creating rank says them.
@@ -229,6 +181,8 @@ def _start_keeper(plan, cfg, dir_fd, run_dir, linger):
     raise errors.Error(errors.OSERR, "the node's container keeper failed to start", run_dir)
 
 
+# -------------------------------------------------------------- build ---
+
 def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w, linger):
     """Runs in the keeper process; never returns."""
     import signal
@@ -245,11 +199,11 @@ def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w, linger):
             f.write("hpcrun-keeper")
         # Everything the keeper will ever import must be imported now: after
         # pivot_root its / is the image, without this Python's library.
-        from hpcrun import rootfs, stage  # noqa: F401
+        from hpcrun import linux, rootfs, stage  # noqa: F401
         # Before the build: after pivot_root there may be no /proc.
-        record = "%d %s\n" % (os.getpid(), _start_time(os.getpid()).decode())
+        record = "%d %s\n" % (os.getpid(), start_time(os.getpid()).decode())
         proc_fd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        st = rootfs.build(plan, cfg, dir_fd, run_dir)
+        st = _build(plan, cfg, dir_fd, run_dir)
         tmp = plan["key"] + ".pid.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         os.write(fd, record.encode())
@@ -259,7 +213,7 @@ def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w, linger):
         os.write(ready_w, "\n".join(["ready %d" % os.getpid()] + [x.replace("\n", " ") for x in said]).encode())
         os.close(ready_w)
         ready_w = None
-        _wait_for_last_user(plan, dir_fd, st, linger, proc_fd)
+        _linger(plan, dir_fd, st, linger, proc_fd)
     except errors.Error as e:
         code = 1
         if ready_w is not None:
@@ -270,10 +224,81 @@ def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w, linger):
             os.write(ready_w, ("error %d keeper failed: %s\0" % (errors.OSERR, e)).encode())
     finally:
         if st is not None:
-            stage.release(st.stage, dir_fd)
-        _remove(dir_fd, plan["key"] + ".d", rmdir=True)
+            stage.release(st, dir_fd)
+        fdio.remove(dir_fd, plan["key"] + ".d", rmdir=True)
         os._exit(code)
 
+
+def _build(plan, cfg, dir_fd, run_dir):
+    """Namespaces, workspace, image, wiring, root; returns the stage.Stage
+    (what must be released when the keeper ends)."""
+    from hpcrun import linux, rootfs, stage
+    uid, gid = plan["uid"], plan["gid"]
+    ws = os.path.join(run_dir, plan["key"] + ".d")
+    try:
+        os.mkdir(plan["key"] + ".d", 0o700, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+    try:
+        if plan["userns"]:
+            linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWNS)
+            _map_ids(uid, gid)
+        else:
+            linux.unshare(linux.CLONE_NEWNS)
+    except OSError as e:
+        if plan["userns"]:
+            raise errors.Error(errors.UNAVAILABLE, "user namespaces are disabled on this host (%s); "
+                               "ask the administrator to enable them" % e.strerror,
+                               "kernel.unprivileged_userns_clone / user.max_user_namespaces")
+        raise errors.Error(errors.OSERR, "cannot create a mount namespace: %s" % e.strerror)
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    linux.mount("hpcrun", ws, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755")
+    try:
+        for d in ("image", "upper", "work", "root", "files"):
+            os.mkdir(os.path.join(ws, d), 0o755)
+        image_root = os.path.join(ws, "image")
+        st = stage.mount_image(plan, image_root, dir_fd, run_dir)
+        plan["image_meta"] = rootfs.read_meta(image_root)
+        _site_wiring(plan, cfg, image_root)
+        if plan["user"] is None:
+            from hpcrun.plan import user_entry
+            plan["user"] = user_entry(plan["uid"], os.environ)
+        rootfs.assemble(plan, ws, image_root)
+        return st
+    except BaseException:
+        try:
+            linux.umount2(ws, linux.MNT_DETACH)    # so the keeper can remove <key>.d
+        except OSError:
+            pass
+        raise
+
+
+def _map_ids(uid, gid):
+    """The user inside is the user outside: map our ids to themselves, nothing else."""
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write("%d %d 1" % (uid, uid))
+    with open("/proc/self/gid_map", "w") as f:
+        f.write("%d %d 1" % (gid, gid))
+
+
+def _site_wiring(plan, cfg, image_root):
+    """Site wiring that depends on the image's content (MPI ABI, GPU driver)."""
+    if plan["mpi"] != "none":
+        try:
+            from hpcrun import mpi
+        except ImportError:
+            mpi = None
+        if mpi is not None and hasattr(mpi, "prepare"):
+            mpi.prepare(plan, image_root, cfg, plan["mpi"])
+    for kind in ("nv", "rocm"):
+        if plan.get(kind):
+            from hpcrun import gpu
+            gpu.prepare(plan, image_root, cfg, kind)
+
+
+# ------------------------------------------------------ linger, remove ---
 
 def _users_inside(proc_fd, me, skip):
     """PIDs other than ours and our helpers whose mount namespace is ours.
@@ -297,9 +322,10 @@ def _users_inside(proc_fd, me, skip):
     return False
 
 
-def _wait_for_last_user(plan, dir_fd, st, linger, proc_fd):
+def _linger(plan, dir_fd, st, linger, proc_fd):
+    import fcntl
     me = os.getpid()
-    skip = {p.pid for p in st.stage.children}
+    skip = {p.pid for p in st.children}
     idle_since = time.monotonic()
     while True:
         time.sleep(0.2 if linger < 2 else 1.0)
@@ -320,30 +346,8 @@ def _wait_for_last_user(plan, dir_fd, st, linger, proc_fd):
             if _users_inside(proc_fd, me, skip):
                 idle_since = time.monotonic()
                 continue
-            _remove(dir_fd, plan["key"] + ".pid")
-            _remove(dir_fd, plan["key"] + ".lock")
+            fdio.remove(dir_fd, plan["key"] + ".pid")
+            fdio.remove(dir_fd, plan["key"] + ".lock")
             return
         finally:
             os.close(lock)
-
-
-def read_all(fd):
-    """Everything until EOF from a pipe, which is then closed."""
-    chunks = []
-    while True:
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(fd)
-    return b"".join(chunks)
-
-
-def _remove(dir_fd, name, rmdir=False):
-    try:
-        if rmdir:
-            os.rmdir(name, dir_fd=dir_fd)
-        else:
-            os.unlink(name, dir_fd=dir_fd)
-    except OSError:
-        pass

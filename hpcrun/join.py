@@ -1,0 +1,61 @@
+"""The rank's step into the node's container: the thin top of the launch.
+
+  join(plan):
+    lock  run_dir/<key>.lock  shared            (many ranks join at once)
+    if run_dir/<key>.pid names a live keeper:  setns() into its namespaces
+    else: relock exclusive, re-check, start a keeper (node.py), wait until it
+          is ready, then setns() into its namespaces
+    unlock; return inside the container (root and cwd at its /)
+
+A rank that dies mid-join holds nothing but a lock fd, which the kernel
+releases.  Only setns(2) is called here (rankcalls.py, no ctypes); everything
+else a container needs is the keeper's work, once per node.
+"""
+import fcntl
+import os
+
+from hpcrun import errors, fdio, node
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+
+
+def join(plan, cfg, timing):
+    from hpcrun import rankcalls
+    uid = plan["uid"]
+    run_dir = node.run_dir_path(cfg, uid)
+    dir_fd = node.open_run_dir(run_dir, uid)
+    key = plan["key"]
+    lock = fdio.lock_current(dir_fd, key + ".lock", fcntl.LOCK_SH)
+    try:
+        pid = node.find(dir_fd, key)
+        fds = node.namespaces(pid)
+        if fds is None:                 # none yet, or it just died: start one
+            os.close(lock)
+            lock = fdio.lock_current(dir_fd, key + ".lock", fcntl.LOCK_EX)
+            pid = node.find(dir_fd, key)
+            fds = node.namespaces(pid)
+            if fds is None:
+                linger = node.linger_seconds(cfg)
+                try:
+                    pid = node.start(plan, cfg, dir_fd, run_dir, linger)
+                except BaseException:
+                    fdio.remove(dir_fd, key + ".lock")   # we hold it exclusively: nobody is inside
+                    raise
+                timing.append(("keeper", None))
+                fds = node.namespaces(pid)
+                if fds is None:
+                    raise errors.Error(errors.OSERR, "the node's container exited right after it started",
+                                       "pid %d" % pid)
+        try:
+            if plan["userns"]:
+                rankcalls.setns(fds[0], CLONE_NEWUSER)
+            rankcalls.setns(fds[1], CLONE_NEWNS)
+        except OSError as e:
+            raise errors.Error(errors.OSERR, "cannot join the node's container: %s" % e.strerror, "pid %d" % pid)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    finally:
+        os.close(lock)
+        os.close(dir_fd)
