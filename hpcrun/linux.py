@@ -35,6 +35,25 @@ CAP_SYS_ADMIN = 21
 _SYS_pivot_root = {"x86_64": 155, "aarch64": 41, "ppc64le": 203}.get(os.uname().machine, 155)
 _SYS_capget = {"x86_64": 125, "aarch64": 90, "ppc64le": 183}.get(os.uname().machine, 125)
 _SYS_capset = {"x86_64": 126, "aarch64": 91, "ppc64le": 184}.get(os.uname().machine, 126)
+# The same numbers on every architecture (the unified syscall table, Linux >= 5.x).
+_SYS_openat2 = 437
+_SYS_mount_setattr = 442
+
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+MOUNT_ATTR_RDONLY = 0x1
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
 def _check(rc, what, path=None):
@@ -86,3 +105,21 @@ def raise_ambient(cap):
     data[2 if cap < 32 else 5] |= 1 << (cap % 32)     # {eff, perm, inh} x 2 words
     _check(_libc.syscall(_SYS_capset, header, data), "capset")
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
+
+
+def openat2(dir_fd, path, flags, resolve, mode=0):
+    """openat2(2): open path relative to dir_fd under the RESOLVE_* rules.
+    OSError(ENOSYS) on kernels before 5.6."""
+    how = _OpenHow(flags, mode, resolve)
+    fd = _libc.syscall(_SYS_openat2, ctypes.c_int(dir_fd), _b(path), ctypes.byref(how), ctypes.sizeof(how))
+    _check(fd, "openat2", path)
+    return fd
+
+
+def mount_setattr(fd, attr_set, recursive=True):
+    """mount_setattr(2) on the mount fd refers to (AT_EMPTY_PATH), and with
+    recursive on every mount below it.  OSError(ENOSYS) before Linux 5.12."""
+    attr = _MountAttr(attr_set, 0, 0, 0)
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    _check(_libc.syscall(_SYS_mount_setattr, ctypes.c_int(fd), b"", ctypes.c_uint(flags),
+                         ctypes.byref(attr), ctypes.sizeof(attr)), "mount_setattr")
