@@ -121,12 +121,14 @@ def expand(value, env):
 
 
 def apply_file(env, path):
-    """Apply a NAME=VALUE file from inside the container (steps 3 and 4), if present."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError:
+    """Apply a NAME=VALUE file from inside the container (steps 3 and 4), if
+    present: a regular file only (the image's FIFO must not stop the rank),
+    read as bytes and decoded as UTF-8 (no codec lookup, no import, inside)."""
+    from hpcrun import fdio
+    data = fdio.read_regular(path)
+    if data is None:
         return
+    text = data.decode("utf-8", "replace")
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):

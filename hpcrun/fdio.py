@@ -1,12 +1,13 @@
 """Small descriptor-level helpers shared by the rank's join, the keeper and the
 stager: locks on files a departing owner may unlink, reading a pipe to its
-end, quiet removal.
+end, quiet removal, reading a file an image supplies without blocking.
 
 The bottom floor: imports only os and fcntl (both loaded on the launch path
 anyway), never another hpcrun module.
 """
 import fcntl
 import os
+import stat
 
 
 def lock_current(dir_fd, name, mode):
@@ -45,3 +46,29 @@ def remove(dir_fd, name, rmdir=False):
     except OSError:
         pass
 
+
+
+def read_regular(path, dir_fd=None, limit=16 << 20):
+    """The bytes of a regular file, or None when it is missing or anything
+    else (FIFO, device, socket, directory, symlink).  Opened O_NONBLOCK so a
+    FIFO an image planted cannot stop the reader in open(2), O_NOFOLLOW so a
+    final symlink is not followed; files larger than `limit` are refused too."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY,
+                     dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

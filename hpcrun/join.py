@@ -8,7 +8,10 @@
     unlock; return inside the container (root and cwd at its /)
 
 A rank that dies mid-join holds nothing but a lock fd, which the kernel
-releases.  Only setns(2) is called here (rankcalls.py, no ctypes); everything
+releases.  Right before setns the import system is sealed: from then on
+every path is the image's, and no byte of the image may run inside hpcrun
+(which holds the namespace's capabilities until execve).  What the rest of
+the launch needs (json for `run`, traceback for --debug) is imported first.  Only setns(2) is called here (rankcalls.py, no ctypes); everything
 else a container needs is the keeper's work, once per node.
 """
 import fcntl
@@ -47,6 +50,7 @@ def join(plan, cfg, timing):
                 if fds is None:
                     raise errors.Error(errors.OSERR, "the node's container exited right after it started",
                                        "pid %d" % pid)
+        seal_imports()
         try:
             if plan["userns"]:
                 rankcalls.setns(fds[0], CLONE_NEWUSER)
@@ -59,3 +63,15 @@ def join(plan, cfg, timing):
     finally:
         os.close(lock)
         os.close(dir_fd)
+
+
+def seal_imports():
+    """Keep only the built-in and frozen importers: an import after the join
+    finds what sys.modules already holds, or fails; it never loads a file
+    (the image's /usr/lib/python3.11/..., encodings/, a planted hpcrun/)."""
+    import sys
+    sys.meta_path[:] = [f for f in sys.meta_path if getattr(f, "__name__", None) in ("BuiltinImporter",
+                                                                                     "FrozenImporter")]
+    sys.path_hooks[:] = []
+    sys.path_importer_cache.clear()
+    sys.path[:] = []

@@ -20,8 +20,12 @@ def launch(opts):
     plan = plan_mod.build(opts, img, cfg, os.environ)        # plain data
     if opts.dry_run:
         return dry_run(plan, img)
+    # Inside, the image's files replace Python's library and imports are
+    # sealed (join.seal_imports): import now what the rest may need.
     if opts.runscript:
-        import json  # noqa: F401  (needed inside, where Python's library is gone)
+        import json  # noqa: F401
+    if opts.debug:
+        import traceback  # noqa: F401  (cli.main prints it)
     t1 = time.perf_counter()
     join.join(plan, cfg, timing)                             # now inside the node's container
     t2 = time.perf_counter()
@@ -63,11 +67,11 @@ def command(plan, env):
         if os.access("/.hpcrun/runscript", os.X_OK):
             argv = ["/.hpcrun/runscript"] + argv
         else:
-            import json
+            import json                       # imported before the join (launch), found in sys.modules
+            from hpcrun import fdio
             try:
-                with open("/.hpcrun/image.json") as f:
-                    rs = json.load(f).get("runscript")
-            except (OSError, ValueError):
+                rs = json.loads(fdio.read_regular("/.hpcrun/image.json") or b"{}").get("runscript")
+            except (ValueError, AttributeError, LookupError):
                 rs = None
             if not rs:
                 raise errors.Error(errors.NOTFOUND, "image has no runscript", plan["image"]["path"])
