@@ -141,6 +141,7 @@ def namespaces(pid):
 def start(plan, cfg, dir_fd, run_dir, linger):
     """Fork the keeper (double fork) and wait for 'ready' or its error.
     The caller holds <key>.lock exclusively."""
+    limit = ready_timeout(cfg)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:                                   # intermediate child
@@ -163,7 +164,14 @@ def start(plan, cfg, dir_fd, run_dir, linger):
             os._exit(0)
     os.close(w)
     os.waitpid(pid, 0)
-    msg = fdio.read_all(r)
+    msg, done = _read_until(r, limit)
+    keeper = None
+    if msg.startswith(b"pid "):                    # the keeper's first word
+        first, _, msg = msg.partition(b"\n")
+        keeper = int(first.split()[1])
+    if not done:
+        _stop(keeper, dir_fd, plan["key"])
+        raise errors.Error(errors.OSERR, "the node's container was not ready within %g s" % limit, run_dir)
     if msg.startswith(b"ready "):
         # "ready PID" then the keeper's warnings and notes (MPI and GPU wiring
         # is decided in there), one per line: only this creating rank says them.
@@ -181,6 +189,55 @@ def start(plan, cfg, dir_fd, run_dir, linger):
     raise errors.Error(errors.OSERR, "the node's container keeper failed to start", run_dir)
 
 
+def ready_timeout(cfg):
+    """Seconds a rank waits for a new keeper to be ready (config keeper_timeout)."""
+    try:
+        value = float(cfg.get("keeper_timeout", READY_TIMEOUT))
+        if not 0 < value < 1e9:
+            raise ValueError
+    except ValueError:
+        raise errors.Error(errors.CONFIG, "keeper_timeout must be a positive number of seconds",
+                           cfg.get("keeper_timeout"))
+    return value
+
+
+def _read_until(fd, limit):
+    """(what the keeper wrote, whether it closed the pipe within limit
+    seconds).  The pipe is closed either way."""
+    import select
+    deadline = time.monotonic() + limit
+    chunks = []
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return b"".join(chunks), False
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks), True
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def _stop(keeper, dir_fd, key):
+    """A keeper that did not get ready in time: kill it (its squashfuse dies
+    with it, PR_SET_PDEATHSIG; its mounts go with its namespace) and remove
+    what it left in run_dir.  The caller removes the lock."""
+    import signal
+    if keeper is not None:
+        try:
+            os.kill(keeper, signal.SIGKILL)
+        except OSError:
+            pass
+        deadline = time.monotonic() + 10
+        while start_time(keeper) is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    fdio.remove(dir_fd, key + ".pid.tmp")
+    fdio.remove(dir_fd, key + ".pid")
+    fdio.remove(dir_fd, key + ".d", rmdir=True)
+
+
 # -------------------------------------------------------------- build ---
 
 def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w, linger):
@@ -195,6 +252,7 @@ def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w, linger):
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
+        os.write(ready_w, b"pid %d\n" % os.getpid())     # so a rank that stops waiting can stop us
         with open("/proc/self/comm", "w") as f:
             f.write("hpcrun-keeper")
         # Everything the keeper will ever import must be imported now: after
@@ -203,7 +261,7 @@ def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w, linger):
         # Before the build: after pivot_root there may be no /proc.
         record = "%d %s\n" % (os.getpid(), start_time(os.getpid()).decode())
         proc_fd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        st = _build(plan, cfg, dir_fd, run_dir)
+        st = _build(plan, cfg, dir_fd, run_dir, proc_fd)
         tmp = plan["key"] + ".pid.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         os.write(fd, record.encode())
@@ -229,7 +287,7 @@ def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w, linger):
         os._exit(code)
 
 
-def _build(plan, cfg, dir_fd, run_dir):
+def _build(plan, cfg, dir_fd, run_dir, proc_fd):
     """Namespaces, workspace, image, wiring, root; returns the stage.Stage
     (what must be released when the keeper ends)."""
     from hpcrun import linux, rootfs, stage
@@ -264,6 +322,8 @@ def _build(plan, cfg, dir_fd, run_dir):
             from hpcrun.plan import user_entry
             plan["user"] = user_entry(plan["uid"], os.environ)
         rootfs.assemble(plan, ws, image_root)
+        if plan["userns"]:
+            _lock_mounts(plan, proc_fd)
         return st
     except BaseException:
         try:
@@ -273,14 +333,34 @@ def _build(plan, cfg, dir_fd, run_dir):
         raise
 
 
-def _map_ids(uid, gid):
+def _map_ids(uid, gid, proc_fd=None):
     """The user inside is the user outside: map our ids to themselves, nothing else."""
-    with open("/proc/self/setgroups", "w") as f:
-        f.write("deny")
-    with open("/proc/self/uid_map", "w") as f:
-        f.write("%d %d 1" % (uid, uid))
-    with open("/proc/self/gid_map", "w") as f:
-        f.write("%d %d 1" % (gid, gid))
+    for name, text in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (uid, uid)),
+                       ("gid_map", "%d %d 1" % (gid, gid))):
+        fd = os.open("self/" + name if proc_fd is not None else "/proc/self/" + name,
+                     os.O_WRONLY | os.O_CLOEXEC, dir_fd=proc_fd)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+
+def _lock_mounts(plan, proc_fd):
+    """Ranks join a child user namespace and a mount namespace it owns, made
+    after the root was built: the kernel copies every mount into it *locked*
+    (it came from a more privileged namespace), so nothing holding this
+    namespace's capabilities (a program that regains them, any code running
+    before execve) can make a read-only bind writable, unmount a bind to
+    reveal what is below, or remount the root.  All ranks still share this
+    one user namespace (Open MPI's CMA).  The keeper moves in too: ranks find
+    the pair through /proc/<keeper>/ns/.  Not done as real root: no user
+    namespace then, and root could undo anything anyway."""
+    from hpcrun import linux
+    try:
+        linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWNS)
+        _map_ids(plan["uid"], plan["gid"], proc_fd)       # the host's /proc: the root may have none
+    except OSError as e:
+        raise errors.Error(errors.OSERR, "cannot lock the container's mounts: %s" % e.strerror)
 
 
 def _site_wiring(plan, cfg, image_root):
