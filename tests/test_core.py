@@ -1287,3 +1287,258 @@ def test_import_floors():
         state[m] = "done"
     for m in sorted(graph):
         visit(m, [])
+
+
+# ================================================ 11. hostile images, mount side ===
+
+def hostile_image(caller, core_dir, busybox_root, name, edit, meta=None):
+    """A fresh image from the busybox root after edit(root); unique, so its own container."""
+    d = private_dir(core_dir, caller)
+    root = os.path.join(d, name + "-root")
+    shutil.copytree(busybox_root, root, symlinks=True)
+    write(os.path.join(root, "etc/unique"), uuid.uuid4().hex + "\n")
+    edit(root)
+    img = imagetools.make_image(root, os.path.join(d, name + ".img"), meta=meta)
+    shutil.rmtree(root)
+    return d, img
+
+
+def host_state(paths):
+    """What a launch must not change on the host: for each path, None or (inode, mtime, size)."""
+    out = {}
+    for p in paths:
+        try:
+            st = os.lstat(p)
+            out[p] = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            out[p] = None
+    return out
+
+
+def planted(base, user):
+    """Where the old mount-point code created files when base led to the container's root."""
+    names = ["etc", "etc/hosts", "etc/resolv.conf", "etc/localtime", "etc/passwd", "etc/group", "home",
+             "home/" + user, "root", "hpcrun-probe"]
+    return [os.path.join(base, n) for n in names]
+
+
+def assert_nothing_left(caller, img, key):
+    assert eventually(lambda: not keepers_of(img)), "keeper left running"
+    assert eventually(lambda: _run_dir_entries(caller, key) == [], 10), _run_dir_entries(caller, key)
+    assert not [pid for pid, cmd in processes("squashfuse_ll") + processes("squashfuse") if key in cmd]
+
+
+@pytest.mark.parametrize("where", ["/var/tmp", "/tmp", "home"])
+def test_magic_link_in_the_image_leads_nowhere(caller, core_dir, busybox_root, where):
+    # /var/tmp -> /proc/self/root in the image: followed through the host's
+    # /proc it is the host's real root.  Resolved inside the image root with
+    # magic links refused, the default bind there is refused: 77, and nothing
+    # is created or mounted on the host.
+    link = caller.home if where == "home" else where
+
+    def edit(root):
+        p = os.path.join(root, link.lstrip("/"))
+        shutil.rmtree(p, ignore_errors=True)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        os.symlink("/proc/self/root", p)
+    d, img = hostile_image(caller, core_dir, busybox_root, "magic", edit)
+    watched = planted("/", caller.name) + planted("/var/tmp", caller.name) + planted("/tmp", caller.name) + \
+        planted(caller.home, caller.name)
+    before = host_state(watched)
+    key = _key(caller, img, cwd="/")
+    r = caller.hpcrun(img, "cat", "/etc/hostname", cwd="/", env={"HPCRUN_LINGER": "0"})
+    assert_one_error(r, errors.NOPERM, "magic link", link)
+    assert host_state(watched) == before
+    assert_nothing_left(caller, img, key)
+
+
+def test_bind_onto_a_magic_link_is_refused(caller, core_dir, core_image):
+    # -B DIR:/proc/self/root would be DIR over the container's root, and the
+    # generated /etc/passwd and /etc/group would then be made in DIR.
+    d = private_dir(core_dir, caller)
+    for dst in ("/proc/self/root", "/proc/self/cwd/x", "/proc/../proc/self/root/etc", "/dev/fd/0"):
+        r = caller.hpcrun("-B", "%s:%s" % (d, dst), core_image, "true", cwd="/", env={"HPCRUN_LINGER": "0"})
+        assert os.listdir(d) == [], "created in the bind source %s: %s" % (d, os.listdir(d))
+        assert_one_error(r, errors.NOPERM, "magic link")
+
+
+@pytest.mark.parametrize("link,target", [("up", "../../../../.."), ("abs", "/"), ("dotdot", "/etc/../..")])
+def test_links_in_a_bind_destinations_parents_stay_in_the_image(caller, core_dir, busybox_root, link, target):
+    # Relative and absolute links and '..' chains in the destination's parents
+    # end at the image's root; the destination is created there, not on the host.
+    probe = "hpcrun-core-probe-%s" % uuid.uuid4().hex[:8]
+    d, img = hostile_image(caller, core_dir, busybox_root, "parents",
+                           lambda root: os.symlink(target, os.path.join(root, "etc", link)))
+    src = private_dir(core_dir, caller)
+    write(os.path.join(src, "f"), "bound\n")
+    r = caller.hpcrun("-B", "%s:/etc/%s/../%s/x/%s" % (src, link, link, probe), img, "cat", "/x/%s/f" % probe,
+                      cwd="/", env={"HPCRUN_LINGER": "0"})
+    assert not os.path.lexists("/x/" + probe) and not os.path.lexists("/" + probe)
+    assert (r.returncode, r.stdout) == (0, "bound\n"), r.stderr
+
+
+def test_read_only_bind_is_read_only_all_the_way_down(caller, core_dir, core_image):
+    # A file system mounted below SRC comes along with a recursive bind; :ro
+    # must cover it too (mount_setattr AT_RECURSIVE).
+    src = private_dir(core_dir, caller)
+    sub = os.path.join(src, "sub")
+    os.mkdir(sub)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0777", "hpcrun-core-sub", sub], check=True)
+    try:
+        r = caller.hpcrun("-B", "%s:/data2:ro" % src, core_image, "sh", "-c",
+                          "touch /data2/sub/x 2>/dev/null && echo writable-sub; "
+                          "touch /data2/x 2>/dev/null && echo writable-top; echo done",
+                          cwd="/", env={"HPCRUN_LINGER": "0"})
+        assert (r.returncode, r.stdout) == (0, "done\n"), r.stderr
+        assert os.listdir(sub) == []
+    finally:
+        subprocess.run(["umount", "-l", sub], check=True)
+
+
+def test_mounts_are_locked_against_the_namespaces_own_capabilities(user_caller, core_dir, core_image):
+    # What a rank holds between setns and execve (all capabilities of the
+    # container's user namespace) must not undo a :ro bind, unmount a bind or
+    # change what later ranks see: ranks join a child namespace pair whose
+    # mounts the kernel locked.  Here Python's ctypes does what booby-trapped
+    # image code once did inside hpcrun.
+    c = user_caller
+    d = private_dir(core_dir, c)
+    write(os.path.join(d, "f"), "ro\n")
+    env = {"HPCRUN_LINGER": "0"}
+    anchor = c.popen([c.hpcrun_bin, "-B", "%s:/data2:ro" % d, core_image, "sh", "-c", "echo in; read x"],
+                     env=env, stdin=subprocess.PIPE, cwd="/")
+    try:
+        assert anchor.stdout.readline() == "in\n"
+        prog = ("import ctypes, os, sys\n"
+                "from hpcrun import linux\n"
+                "pid = int(sys.argv[1])\n"
+                "for ns, flag in (('user', linux.CLONE_NEWUSER), ('mnt', linux.CLONE_NEWNS)):\n"
+                "    linux.setns(os.open('/proc/%d/ns/%s' % (pid, ns), os.O_RDONLY), flag)\n"
+                "out = []\n"
+                "for what, call in (('remount-rw', lambda: linux.mount(None, '/data2', None, linux.MS_REMOUNT | "
+                "linux.MS_BIND)),\n"
+                "                   ('umount', lambda: linux.umount2('/data2', linux.MNT_DETACH)),\n"
+                "                   ('umount-root', lambda: linux.umount2('/', linux.MNT_DETACH))):\n"
+                "    try:\n"
+                "        call(); out.append(what + ':done')\n"
+                "    except OSError as e:\n"
+                "        out.append(what + ':refused')\n"
+                "print(' '.join(out))\n")
+        r = c.run([sys.executable, "-c", prog, str(anchor.pid)], env=env, cwd="/")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == ["remount-rw:refused", "umount:refused", "umount-root:refused"], r.stdout
+        # and a later rank still sees the bind, read-only
+        r = c.hpcrun("-B", "%s:/data2:ro" % d, core_image, "sh", "-c", "cat /data2/f; touch /data2/f || echo ro",
+                     env=env, cwd="/")
+        assert r.stdout.split("\n")[:1] == ["ro"] and r.stdout.strip().endswith("ro"), (r.stdout, r.stderr)
+    finally:
+        anchor.communicate("\n", timeout=60)
+
+
+TRAP = "open(%r, 'a').write(__name__ + '\\n')\n"
+
+
+def test_no_byte_of_the_image_runs_inside_hpcrun(caller, core_dir, busybox_root):
+    # The image plants Python modules where hpcrun's interpreter would look
+    # after the join (its stdlib, encodings/, hpcrun's own package dir).  On
+    # every path after the join (--debug's traceback, -v, run's json, errors)
+    # none of them may run: each would write its name to a marker file.
+    import hpcrun
+    marker_dir = private_dir(core_dir, caller, 0o777)
+    marker = os.path.join(marker_dir, "ran")
+    stdlib = os.path.dirname(os.__file__)
+    pkg = os.path.dirname(hpcrun.__file__)
+    trap = TRAP % marker
+
+    def edit(root):
+        for rel in ("traceback.py", "json/__init__.py", "json/decoder.py", "linecache.py", "tokenize.py",
+                    "encodings/__init__.py", "encodings/latin_1.py", "encodings/cp1252.py", "encodings/ascii.py",
+                    "encodings/utf_16.py", "encodings/idna.py", "codecs.py", "_sitebuiltins.py"):
+            path = os.path.join(root, stdlib.lstrip("/"), rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write(path, trap)
+        for rel in ("linux.py", "rankcalls.py", "fdio.py", "errors.py", "cmd_inspect.py", "__init__.py"):
+            path = os.path.join(root, pkg.lstrip("/"), rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write(path, trap)
+    d, img = hostile_image(caller, core_dir, busybox_root, "trap", edit)
+    env = {"HPCRUN_LINGER": "0", "LANG": "C", "LC_ALL": "C"}
+    cases = [(("--debug", img, "/no/such/cmd"), errors.NOTFOUND),
+             (("--debug", "-v", img, "/bin/notexec-missing"), errors.NOTFOUND),
+             (("-v", img, "true"), 0),
+             (("run", "--debug", img), 0),
+             (("--debug", "--pwd", "/no/such/dir", img, "true"), errors.NOINPUT)]
+    for args, code in cases:
+        r = caller.hpcrun(*args, cwd="/", env=env)
+        assert r.returncode == code, (args, r.returncode, r.stderr)
+        assert not os.path.exists(marker), "image code ran inside hpcrun (%s): %s" % (
+            " ".join(args), open(marker).read())
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "/etc/group", "/.hpcrun/image.json", "/.hpcrun/env"])
+def test_a_fifo_in_the_image_does_not_hang(caller, core_dir, busybox_root, path):
+    # The keeper (passwd, group, image.json) and the rank (env) read files the
+    # image supplies: a FIFO there must be refused, not opened blocking.
+    def edit(root):
+        p = os.path.join(root, path.lstrip("/"))
+        if os.path.lexists(p):
+            os.unlink(p)
+        os.mkfifo(p)
+    d, img = hostile_image(caller, core_dir, busybox_root, "fifo", edit, meta={})
+    key = _key(caller, img, cwd="/")
+    r = caller.hpcrun(img, "echo", "ran", cwd="/", env={"HPCRUN_LINGER": "0"}, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "ran\n"), r.stderr
+    assert_nothing_left(caller, img, key)
+
+
+def test_a_keeper_that_is_not_ready_in_time_is_stopped(root_caller, core_dir, busybox_root):
+    # Every wait for a keeper has a time limit (keeper_timeout); past it the
+    # rank stops the keeper and removes what it left: no keeper, no
+    # squashfuse, no <key>.d, <key>.lock or <key>.pid.
+    c = root_caller
+    conf = write(os.path.join(core_dir, "timeout.conf"), "keeper_timeout = 0.001\n")
+    d, img = hostile_image(c, core_dir, busybox_root, "slow", lambda root: None)
+    env = {"HPCRUN_CONF": conf, "HPCRUN_LINGER": "0"}
+    key = _key(c, img, cwd="/", env=env)
+    r = c.hpcrun(img, "true", cwd="/", env=env)
+    assert_one_error(r, errors.OSERR, "not ready within")
+    assert_nothing_left(c, img, key)
+    assert not host_mounts(key)
+
+
+def test_resolution_without_openat2(tmp_path, monkeypatch):
+    # The component walk used where the kernel has no openat2: links followed
+    # inside the root, magic links refused, '..' stops at the root.
+    if os.getuid() != 0:
+        pytest.skip("needs root (reads the test tree as the keeper would)")
+    import errno as errno_mod
+    from hpcrun import linux, rootfs
+
+    def no_openat2(*args, **kw):
+        raise OSError(errno_mod.ENOSYS, "no openat2")
+    monkeypatch.setattr(linux, "openat2", no_openat2)
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "f").write_text("inside\n")
+    os.symlink("/etc", root / "abs")
+    os.symlink("../../../../etc", root / "rel")
+    os.symlink("/proc/self/root", root / "magic")
+    os.symlink("loop", root / "loop")
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for p in ("/abs/f", "rel/f", "/etc/../../../etc/f", "abs/../rel/f"):
+            assert rootfs.read_regular(root_fd, p) == b"inside\n", p
+        with pytest.raises(FileNotFoundError):
+            rootfs.open_in_root(root_fd, "/magic/etc")          # no /proc in this root
+        slash = os.open("/", os.O_PATH | os.O_DIRECTORY)
+        try:
+            with pytest.raises(errors.Error) as e:
+                rootfs.open_in_root(slash, "/proc/self/root/etc")
+            assert e.value.code == errors.NOPERM
+        finally:
+            os.close(slash)
+        with pytest.raises(errors.Error) as e:
+            rootfs.open_in_root(root_fd, "/loop/x")
+        assert e.value.code == errors.USAGE
+    finally:
+        os.close(root_fd)
