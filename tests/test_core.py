@@ -3,7 +3,7 @@
 Nothing is mocked.  Most behaviour is checked twice, as root (no user
 namespace, kernel loop mount) and as the unprivileged test user (user
 namespace, squashfuse on a staged payload), because the two take different
-paths through namespace.py / rootfs.py / stage.py.
+paths through join.py / node.py / stage.py / rootfs.py.
 
 Sections:
   1. identity            uid/gid/name inside are the caller's
