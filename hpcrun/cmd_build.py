@@ -7,6 +7,7 @@ is repacked as an hpcrun image.
 """
 import argparse
 import os
+import stat
 import sys
 import time
 
@@ -46,6 +47,8 @@ def main(argv):
 def _load_spec(specmod, path):
     """A specfile, or a program/script given directly (a one-line spec)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):       # a FIFO or device would block or never end
+            raise errors.Error(errors.DATA, "spec is not a regular file", path)
         with open(path, "rb") as f:
             head = f.read(4)
     except FileNotFoundError:

@@ -3,6 +3,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -274,6 +275,7 @@ def test_from_image_spec_adds_program(hpcrun_bin, busybox_image, c_prog, work):
     ("./no-such-file\n", 66, "file not found: ./no-such-file"),
     ("./needs-missing\n", 66, "cannot resolve shared library libmissing.so.7 needed by /app/needs-missing"),
     ("From: ./truncated.tar\n", 65, "truncated or corrupt archive"),
+    ("./prog\n%exclude\nlib/*.so\n", 65, "an %exclude glob matches image paths"),
 ])
 def test_bad_spec(hpcrun_bin, c_prog, spec_text, code, message):
     if not os.path.exists(os.path.join(c_prog, "needs-missing")):
@@ -332,3 +334,258 @@ def test_built_image_runs_as_unprivileged_user(hpcrun_bin, as_user, c_prog, shar
     os.chmod(img, 0o755)
     r = as_user([hpcrun_bin, "--cleanenv", img, "/app/prog", "user"])
     assert (r.returncode, r.stdout) == (3, "hello, user 4\n"), r.stderr
+
+
+# --- Python images carry what a program can import by name (issue 18 items 4, 5) ---
+
+PYC_CHECK = r'''
+import json, os, struct, sys
+stale = fresh = 0
+for m in list(sys.modules.values()):
+    src, pyc = getattr(m, "__file__", None), getattr(m, "__cached__", None)
+    if not src or not pyc or not src.endswith(".py") or not os.path.exists(pyc):
+        continue
+    with open(pyc, "rb") as f:
+        flags, mtime, size = struct.unpack("<III", f.read(16)[4:16])
+    st = os.stat(src)
+    if flags & 1 or (mtime, size) == (int(st.st_mtime) & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF):
+        fresh += 1
+    else:
+        stale += 1
+'''
+
+
+def test_python_dynamic_imports_and_valid_pyc(hpcrun_bin, py_script):
+    """Modules imported by computed names (the standard library whole) and a
+    package's modules the scanner cannot see (the package directory whole); the
+    image's .pyc files stay valid for their .py (mtimes kept), else Python
+    recompiles them at every start in the read-only image."""
+    d = py_script
+    with open(os.path.join(d, "mypkg/hidden.py"), "w") as f:
+        f.write("VALUE = 'hidden-ok'\n")
+    with open(os.path.join(d, "dyn.py"), "w") as f:
+        f.write("#!%s\nimport importlib, sysconfig\n" % sys.executable
+                + "cp = __import__('config' + 'parser')\n"
+                "sysconfig.get_config_vars()\n"           # imports _sysconfigdata_* by a computed name
+                "import mypkg\nhidden = importlib.import_module('mypkg.' + 'hidden')\n"
+                + PYC_CHECK
+                + "print(cp.__name__, hidden.VALUE, json.dumps({'fresh': fresh, 'stale': stale}))\n")
+    os.chmod(os.path.join(d, "dyn.py"), 0o755)
+    img = build(hpcrun_bin, os.path.join(d, "dyn.img"), os.path.join(d, "dyn.py"))
+    r = run([hpcrun_bin, "--cleanenv", img, "/app/dyn.py"])
+    assert r.returncode == 0, r.stderr
+    name, value, counts = r.stdout.split(" ", 2)
+    assert (name, value) == ("configparser", "hidden-ok")
+    counts = json.loads(counts)
+    assert counts["stale"] == 0 and counts["fresh"] > 20, counts
+    listing = payload_names(img)
+    assert "/test/" not in listing and "idlelib" not in listing and "/config-3" not in listing   # no test suites
+
+
+MPI4PY_CACHE = os.environ.get("HPCRUN_TEST_CACHE", "/var/tmp/hpcrun-test-cache")
+
+
+@pytest.fixture(scope="module")
+def mpi4py_suite(work):
+    """mpi4py's own test suite: the sdist of the venv's mpi4py version, from the
+    package registry (kept in a cache directory), unpacked here."""
+    import mpi4py
+    version = mpi4py.__version__
+    cache = os.path.join(MPI4PY_CACHE, "mpi4py-%s" % version)
+    sdist = os.path.join(cache, "mpi4py-%s.tar.gz" % version)
+    if not os.path.exists(sdist):
+        os.makedirs(cache, exist_ok=True)
+        r = run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                 "mpi4py==%s" % version, "-d", cache], timeout=300)
+        if r.returncode != 0 or not os.path.exists(sdist):
+            pytest.skip("mpi4py %s sdist not downloadable here: %s" % (version, r.stderr.strip()[-200:]))
+    d = os.path.join(work, "mpi4py-suite")
+    os.makedirs(d)
+    with tarfile.open(sdist) as t:
+        members = [m for m in t.getmembers() if m.name.startswith("mpi4py-%s/test/" % version)]
+        kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        t.extractall(d, members=members, **kw)
+    return os.path.join(d, "mpi4py-%s" % version)
+
+
+def _unittest_summary(out):
+    """("Ran N tests", "OK (skipped=K)") from unittest's output (each rank prints it)."""
+    ran = [l.split(" in ")[0] for l in out.splitlines() if l.startswith("Ran ")]
+    ok = [l.strip() for l in out.splitlines() if l.startswith(("OK", "FAILED"))]
+    return ran[:1] + ok[:1]
+
+
+def test_mpi4py_own_suite_in_image(hpcrun_bin, mpi4py_suite, tmp_path):
+    """mpi4py 4.x from the venv (one extension per MPI ABI: MPI.openmpi resolves
+    here, MPI.mpich does not) packed from a spec of two lines; its own test
+    suite gives the same counts under `mpirun -np 2 hpcrun IMG` as natively.
+    Spawn tests are off in both runs (children would start outside the image)."""
+    spec = os.path.join(mpi4py_suite, "spec")
+    with open(spec, "w") as f:
+        f.write("./test/main.py\n./test/\n")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + ":" + os.environ["PATH"],
+               TMPDIR=str(tmp_path))
+    img = os.path.join(mpi4py_suite, "suite.img")
+    r = run([hpcrun_bin, "build", img, spec], env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    warnings = [l for l in r.stderr.splitlines() if l.startswith("hpcrun: warning:")]
+    assert len(warnings) == 1 and "MPI.mpich" in warnings[0] and "libmpi.so.12" in warnings[0], r.stderr
+    assert os.listdir(tmp_path) == []                                    # no staging left behind
+    assert meta_of(img)["mpi"]["soname"] == "libmpi.so.40"
+    mpirun = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2"]
+    env["MPI4PY_TEST_SPAWN"] = "0"
+    native = run(mpirun + [sys.executable, "test/main.py"], env=env, cwd=mpi4py_suite, timeout=900)
+    inside = run(mpirun + [hpcrun_bin, "run", img], env=env, cwd=mpi4py_suite, timeout=900)
+    assert native.returncode == 0, native.stderr[-3000:]
+    assert inside.returncode == 0, inside.stderr[-3000:]
+    expected = _unittest_summary(native.stderr)
+    assert expected[0].startswith("Ran ") and expected[1].startswith("OK"), native.stderr[-2000:]
+    assert _unittest_summary(inside.stderr) == expected, inside.stderr[-3000:]
+
+
+def test_exclude_section(hpcrun_bin, py_script):
+    """%exclude leaves paths out: an extension module whose library is missing
+    here is neither packed nor warned about."""
+    d = py_script
+    with open(os.path.join(d, "mpi.py"), "w") as f:
+        f.write("#!%s\nfrom mpi4py import MPI\nprint(MPI.COMM_WORLD.Get_size())\n" % sys.executable)
+    os.chmod(os.path.join(d, "mpi.py"), 0o755)
+    spec = os.path.join(d, "mpi.spec")
+    with open(spec, "w") as f:
+        f.write("./mpi.py\n%exclude\n*/mpi4py/MPI.mpich.*\n/usr/lib/python3*/email\n")
+    out = os.path.join(d, "mpi.img")
+    r = run([hpcrun_bin, "build", out, spec])
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    listing = payload_names(out)
+    assert "MPI.openmpi" in listing and "MPI.mpich" not in listing
+    assert "/json/" in listing and "/email/" not in listing
+    r = run(["mpirun", "--allow-run-as-root", "-np", "1", hpcrun_bin, "--cleanenv", out, "/app/mpi.py"], timeout=60)
+    assert (r.returncode, r.stdout) == (0, "1\n"), r.stderr
+
+
+# --- sources with device nodes, FIFOs and sockets; layers that plant symlinks (items 6; issue 17 item 1) ---
+
+def _special_root(busybox_root, path, devices):
+    """busybox_root plus what debootstrap --variant=minbase leaves in /dev, a FIFO and a socket."""
+    import socket
+    shutil.copytree(busybox_root, path, symlinks=True)
+    os.makedirs(os.path.join(path, "dev"), exist_ok=True)
+    if devices:
+        for name, major, minor in (("console", 5, 1), ("full", 1, 7), ("null", 1, 3), ("zero", 1, 5),
+                                   ("random", 1, 8)):
+            os.mknod(os.path.join(path, "dev", name), 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+    os.mkfifo(os.path.join(path, "dev", "fifo"))
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(os.path.join(path, "dev", "sock"))
+    s.close()
+    for top, dirs, files in os.walk(path):
+        os.chmod(top, 0o755)
+
+
+def test_from_rootfs_with_device_nodes_as_root(hpcrun_bin, busybox_root, work, tmp_path):
+    if os.getuid() != 0:
+        pytest.skip("making device nodes needs root")
+    src = os.path.join(work, "devroot")
+    _special_root(busybox_root, src, devices=True)
+    out = os.path.join(work, "devroot.img")
+    r = run([hpcrun_bin, "build", out, "--from", src], env=dict(os.environ, TMPDIR=str(tmp_path)), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert os.stat(out).st_size < 8 << 20                          # /dev/full was not read
+    assert os.listdir(tmp_path) == []
+    listing = payload_names(out)
+    for name in ("/dev/console", "/dev/full", "/dev/null"):
+        line = [l for l in listing.splitlines() if l.endswith(name)]
+        assert line and line[0].startswith("c"), listing             # recreated as device nodes
+    assert [l for l in listing.splitlines() if l.endswith("/dev/fifo")][0].startswith("p")
+    r = run([hpcrun_bin, "--cleanenv", out, "/bin/cat", "/etc/os-release"])
+    assert "hpcrun test image (busybox)" in r.stdout, r.stderr
+
+
+def test_from_rootfs_with_fifo_as_user(hpcrun_bin, as_user, busybox_root, shared_dir):
+    """Unprivileged: what mknod cannot recreate is left out with one note."""
+    src = os.path.join(shared_dir, "fiforoot")
+    _special_root(busybox_root, src, devices=os.getuid() == 0)
+    out_dir = os.path.join(shared_dir, "fifo-out")
+    tmp = os.path.join(shared_dir, "fifo-tmp")
+    for d in (out_dir, tmp):
+        os.makedirs(d)
+        os.chmod(d, 0o777)
+    out = os.path.join(out_dir, "fifo.img")
+    r = as_user([hpcrun_bin, "build", out, "--from", src], env={"TMPDIR": tmp})
+    assert r.returncode == 0, r.stderr
+    notes = [l for l in r.stderr.splitlines() if l.startswith("hpcrun: note:")]
+    assert len(notes) == 1 and "/dev/fifo" in notes[0], r.stderr
+    assert os.listdir(tmp) == []
+    listing = payload_names(out)
+    assert "/dev/fifo" not in listing and "/dev/console" not in listing and "/bin/busybox" in listing
+
+
+def test_from_docker_layer_symlink_does_not_escape(hpcrun_bin, work, tmp_path):
+    """A layer with `evil -> HOSTDIR`, then `evil/` (mode 0777) and `evil/planted`:
+    the host directory is neither chmod'ed nor written; a char device member is
+    recreated as root, never read."""
+    host_dir = os.path.join(work, "host-victim")
+    os.makedirs(host_dir)
+    os.chmod(host_dir, 0o755)
+    with open("/bin/busybox", "rb") as f:
+        bb = f.read()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for name, kind, extra in (("bin", tarfile.DIRTYPE, None), ("bin/busybox", tarfile.REGTYPE, bb),
+                                  ("bin/sh", tarfile.SYMTYPE, "busybox"), ("evil", tarfile.SYMTYPE, host_dir),
+                                  ("evil", tarfile.DIRTYPE, None), ("evil/planted", tarfile.REGTYPE, b"x\n"),
+                                  ("link", tarfile.SYMTYPE, host_dir + "/target"),
+                                  ("hard", tarfile.LNKTYPE, "link"), ("dev", tarfile.DIRTYPE, None),
+                                  ("dev/full", tarfile.CHRTYPE, None)):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.mode, ti.mtime = kind, 0o777 if kind == tarfile.DIRTYPE else 0o755, 1500040000
+            if kind == tarfile.SYMTYPE or kind == tarfile.LNKTYPE:
+                ti.linkname = extra
+            if kind == tarfile.CHRTYPE:
+                ti.devmajor, ti.devminor = 1, 7
+            if kind == tarfile.REGTYPE:
+                ti.size = len(extra)
+                t.addfile(ti, io.BytesIO(extra))
+            else:
+                t.addfile(ti)
+    layer = buf.getvalue()
+    path = os.path.join(work, "evil.tar")
+    config = json.dumps({"config": {"Cmd": ["/bin/sh"]}}).encode()
+    with tarfile.open(path, "w") as t:
+        for name, data in (("l/layer.tar", layer), ("config.json", config),
+                           ("manifest.json", json.dumps([{"Config": "config.json",
+                                                          "Layers": ["l/layer.tar"]}]).encode())):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    out = os.path.join(work, "evil.img")
+    r = run([hpcrun_bin, "build", out, "--from", path], env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(host_dir).st_mode) == 0o755 and os.listdir(host_dir) == []
+    assert os.listdir(tmp_path) == []
+    listing = payload_names(out)
+    assert [l for l in listing.splitlines() if l.endswith("/evil")][0].startswith("d")
+    assert "/evil/planted" in listing
+    assert [l for l in listing.splitlines() if l.endswith("/bin/busybox")][0].split()[3] == "2017-07-14"  # mtime kept
+    if os.getuid() == 0:
+        assert [l for l in listing.splitlines() if l.endswith("/dev/full")][0].startswith("c")
+
+
+@pytest.mark.parametrize("what", ["spec-lists-fifo", "spec-is-fifo", "from-fifo"])
+def test_fifo_sources_refused_not_read(hpcrun_bin, work, what):
+    """A FIFO named as a spec, in a spec or as a base is refused at once (one line,
+    65), never opened (which would block)."""
+    d = os.path.join(work, "fifo-" + what)
+    os.makedirs(d)
+    fifo = os.path.join(d, "pipe")
+    os.mkfifo(fifo)
+    spec = os.path.join(d, "spec")
+    with open(spec, "w") as f:
+        f.write("./pipe\n")
+    args = {"spec-lists-fifo": [spec], "spec-is-fifo": [fifo], "from-fifo": ["--from", fifo]}[what]
+    out = os.path.join(d, "x.img")
+    r = run([hpcrun_bin, "build", out] + args, timeout=60)
+    assert r.returncode == 65, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpcrun: error: ") and "not a regular file" in lines[0], r.stderr
+    assert sorted(os.listdir(d)) == ["pipe", "spec"]

@@ -6,10 +6,18 @@ directory or a tarball of one).  Layers are applied in order with OCI
 whiteouts: `.wh.NAME` deletes NAME from the lower layers, `.wh..wh..opq`
 empties its directory.  Returns the base's metadata (runscript, env, labels)
 so the new image inherits it.
+
+No importer ever opens a file of a source that is not a regular file: device
+nodes, FIFOs and sockets are recreated with mknod (as root) or left out
+(Tree.special).  Layer members are written with chroot semantics (inside()),
+never through a symlink a layer planted, and keep their mtimes (a .pyc stays
+valid for its .py).
 """
+import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 import tempfile
@@ -21,23 +29,30 @@ WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 
 
-def unpack(source, root, log):
-    if not os.path.lexists(source):
+def unpack(source, tree, log):
+    root = tree.root
+    try:
+        st = os.stat(source)
+    except FileNotFoundError:
         raise errors.Error(errors.NOINPUT, "base not found", source)
-    if os.path.isdir(source):
-        if os.path.isfile(os.path.join(source, "oci-layout")):
-            return _oci_dir(source, root, log)
+    except OSError as e:
+        raise errors.Error(errors.NOINPUT, "base not accessible: %s" % e.strerror, source)
+    if stat.S_ISDIR(st.st_mode):
+        if _is_regular(os.path.join(source, "oci-layout")):
+            return _oci_dir(source, tree, log)
         img = image.open_image(source)
         log("base: directory %s" % source)
-        _copy_dir(source, root)
+        _copy_dir(source, tree)
         return img.meta()
+    if not stat.S_ISREG(st.st_mode):
+        raise errors.Error(errors.DATA, "base is not a directory, image or archive (not a regular file)", source)
     try:
         with open(source, "rb") as f:
             head = f.read(512)
     except OSError as e:
         raise errors.Error(errors.NOINPUT, "base not readable: %s" % e.strerror, source)
     if _is_tar(source, head):
-        return _archive(source, root, log)
+        return _archive(source, tree, log)
     img = image.open_image(source)
     log("base: %s image %s" % (img.kind, source))
     _unsquash(img, root)
@@ -57,8 +72,48 @@ def _is_tar(path, head):
     return False
 
 
-def _copy_dir(src, root):
-    shutil.copytree(src, root, symlinks=True, dirs_exist_ok=True)
+def _is_regular(path):
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _copy_dir(src, tree):
+    """A root filesystem directory into the staging root: files hard-linked (copied
+    across filesystems), symlinks recreated as they are, special files to
+    tree.special(); modes and mtimes kept.  Nothing but regular files is opened."""
+    root = tree.root
+    dirs_done = []
+    for top, dirs, files in os.walk(src):
+        rel = os.path.relpath(top, src)
+        for name in sorted(dirs + files):
+            path = os.path.join(top, name)
+            ipath = os.path.normpath("/" + os.path.join(rel, name))
+            if tree.excluded(ipath):
+                if name in dirs:
+                    dirs.remove(name)
+                continue
+            st = os.lstat(path)
+            dst = os.path.join(root, ipath.lstrip("/"))       # parents are real directories made here
+            if stat.S_ISDIR(st.st_mode):
+                os.mkdir(dst, 0o700)
+                dirs_done.append((dst, st))
+            elif stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(path), dst)
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+            elif stat.S_ISREG(st.st_mode):
+                try:
+                    os.link(path, dst)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK):
+                        raise
+                    shutil.copy2(path, dst)
+            else:
+                tree.special(path, ipath, st, "base %s" % src)
+    for dst, st in reversed(dirs_done):        # deepest first: a read-only directory is filled before it closes
+        os.chmod(dst, stat.S_IMODE(st.st_mode) | 0o700)
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _unsquash(img, root):
@@ -88,39 +143,53 @@ def _unsquash(img, root):
             os.unlink(tmp)
 
 
-def _archive(path, root, log):
+def _archive(path, tree, log):
     try:
         with tarfile.open(path, "r:*") as outer:
             names = set(outer.getnames())
             if "manifest.json" in names:
-                manifest = json.load(outer.extractfile("manifest.json"))[0]
+                manifest = json.load(_member(outer, "manifest.json"))[0]
                 layers = manifest["Layers"]
-                config = json.load(outer.extractfile(manifest["Config"]))
+                config = json.load(_member(outer, manifest["Config"]))
                 log("base: docker archive %s, %d layers" % (path, len(layers)))
                 for n, layer in enumerate(layers, 1):
-                    _apply_layer(outer.extractfile(layer), root, "%s layer %d" % (path, n))
+                    _apply_layer(_member(outer, layer), tree, "%s layer %d" % (path, n))
                 return _config_meta(config)
             if "oci-layout" in names or "index.json" in names:
-                read = lambda name: outer.extractfile(name)        # noqa: E731
-                return _oci(read, root, path, log)
+                read = lambda name: _member(outer, name)        # noqa: E731
+                return _oci(read, tree, path, log)
     except (tarfile.TarError, EOFError, KeyError, ValueError, IndexError, AttributeError) as e:
         raise errors.Error(errors.DATA, "truncated or corrupt archive: %s" % _why(e), path)
     raise errors.Error(errors.DATA, "archive is neither a docker save tarball nor an OCI image layout", path)
 
 
-def _oci_dir(path, root, log):
+def _member(outer, name):
+    """A regular file of an archive (a link or device member of that name is not read)."""
+    m = outer.getmember(name)
+    if not m.isfile():
+        raise errors.Error(errors.DATA, "archive member is not a regular file: %s" % name, outer.name)
+    return outer.extractfile(m)
+
+
+def _oci_dir(path, tree, log):
     def read(name):
+        full = os.path.join(path, name)
         try:
-            return open(os.path.join(path, name), "rb")
+            fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
-            raise errors.Error(errors.DATA, "OCI layout incomplete: %s" % e.strerror, os.path.join(path, name))
+            raise errors.Error(errors.DATA, "OCI layout incomplete: %s" % e.strerror, full)
+        f = os.fdopen(fd, "rb")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):       # O_NONBLOCK: a FIFO does not block the open
+            f.close()
+            raise errors.Error(errors.DATA, "OCI layout file is not a regular file", full)
+        return f
     try:
-        return _oci(read, root, path, log)
+        return _oci(read, tree, path, log)
     except (tarfile.TarError, EOFError, KeyError, ValueError, IndexError) as e:
         raise errors.Error(errors.DATA, "truncated or corrupt OCI layout: %s" % _why(e), path)
 
 
-def _oci(read, root, path, log):
+def _oci(read, tree, path, log):
     def blob(digest):
         algo, _, hexd = digest.partition(":")
         return read("blobs/%s/%s" % (algo, hexd))
@@ -132,7 +201,7 @@ def _oci(read, root, path, log):
     layers = manifest["layers"]
     log("base: OCI image %s, %d layers" % (path, len(layers)))
     for n, layer in enumerate(layers, 1):
-        _apply_layer(blob(layer["digest"]), root, "%s layer %d" % (path, n))
+        _apply_layer(blob(layer["digest"]), tree, "%s layer %d" % (path, n))
     return _config_meta(json.load(blob(manifest["config"]["digest"])))
 
 
@@ -151,7 +220,9 @@ def _config_meta(config):
     return meta
 
 
-def _apply_layer(fileobj, root, what):
+def _apply_layer(fileobj, tree, what):
+    root = tree.root
+    dirs = {}                                  # directory -> (mode, mtime), set once the layer is in
     with tarfile.open(fileobj=fileobj, mode="r|*") as layer:
         for m in layer:
             name = os.path.normpath(m.name.lstrip("/"))
@@ -166,31 +237,54 @@ def _apply_layer(fileobj, root, what):
             if base.startswith(WHITEOUT):
                 _remove(inside(root, "/" + os.path.join(parent, base[len(WHITEOUT):])))
                 continue
-            _extract(layer, m, root, "/" + name)
+            if tree.excluded("/" + name):
+                continue
+            _extract(layer, m, tree, "/" + name, dirs)
+    for dst, (mode, mtime) in sorted(dirs.items(), reverse=True):
+        if os.path.isdir(dst) and not os.path.islink(dst):
+            os.chmod(dst, mode)
+            os.utime(dst, (mtime, mtime))
 
 
-def _extract(layer, m, root, ipath):
+def _extract(layer, m, tree, ipath, dirs):
+    root = tree.root
+    # The last component is not followed: a symlink an earlier member planted
+    # there is replaced, never written or chmod'ed through.
     dst = inside(root, ipath)
     if m.isdir():
-        if os.path.lexists(dst) and not os.path.isdir(dst):
+        if os.path.islink(dst) or (os.path.lexists(dst) and not os.path.isdir(dst)):
             _remove(dst)
-        if not os.path.isdir(dst):
-            os.mkdir(dst)
-        os.chmod(dst, (m.mode & 0o7777) | 0o700)
+        if not os.path.lexists(dst):
+            os.mkdir(dst, 0o700)
+        dirs[dst] = ((m.mode & 0o7777) | 0o700, m.mtime)
         return
     if os.path.lexists(dst):
         _remove(dst)
     if m.issym():
         os.symlink(m.linkname, dst)
+        os.utime(dst, (m.mtime, m.mtime), follow_symlinks=False)
     elif m.islnk():
         target = inside(root, "/" + os.path.normpath(m.linkname.lstrip("/")))
-        os.link(target, dst)
+        if os.path.lexists(target) and not os.path.isdir(target):
+            os.link(target, dst, follow_symlinks=False)       # a link to a symlink stays one
     elif m.isfile():
         src = layer.extractfile(m)
-        with open(dst, "wb") as out:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(src, out)
         os.chmod(dst, m.mode & 0o7777)
-    # devices and fifos are left out: the launcher provides /dev
+        os.utime(dst, (m.mtime, m.mtime))
+    elif m.ischr() or m.isblk() or m.isfifo():
+        kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
+        st = os.stat_result((kind | (m.mode & 0o7777), 0, 0, 1, 0, 0, 0, m.mtime, m.mtime, m.mtime))
+        tree.special(None, ipath, _Special(st, os.makedev(m.devmajor, m.devminor)), "layer member")
+
+
+class _Special:
+    """The stat fields Tree.special() reads, for a tar member."""
+    def __init__(self, st, rdev):
+        self.st_mode, self.st_rdev = st.st_mode, rdev
+        self.st_atime_ns = self.st_mtime_ns = int(st.st_mtime) * 10**9
 
 
 def _remove(path):

@@ -2,14 +2,17 @@
 
 Each path the spec lists goes through add_program(), which hands it to the
 solver for its kind: ELF programs and libraries (solve_elf), `#!` scripts
-(their interpreter, recursively), Python scripts (solve_python).  After all
-files are in, solve_mpi records the MPI ABI of MPI programs.
+(their interpreter, recursively), Python scripts (solve_python, once per
+interpreter after all paths are in, with the Python files of the listed
+directories).  After all files are in, solve_mpi records the MPI ABI of MPI
+programs.
 """
 import datetime
 import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 
@@ -33,7 +36,10 @@ class Build:
         self.verbose = verbose
         self.progress = progress
         self.note = self.log if verbose else (lambda line: None)
+        self.warn = lambda line: self.log("hpcrun: warning: " + line)       # noqa: E731
         self.path_dirs = []          # PATH entries the image needs (from `#!/usr/bin/env NAME`)
+        self.python = {}             # interpreter (host path) -> [scripts it runs]
+        self.listed_dirs = []        # directories the spec lists (their Python files are scanned)
 
     def run(self):
         _check_output(self.out)
@@ -46,11 +52,13 @@ class Build:
 
     def _run(self, staging):
         spec = self.spec
-        self.tree = tree = Tree(staging, spec.dir, self.log if self.verbose else None)
+        self.tree = tree = Tree(staging, spec.dir, self.log if self.verbose else None, exclude=spec.exclude)
         self.elf = solve_elf.Solver(tree)
         meta = {}
         if self.base_source:
-            got = base.unpack(self.base_source, staging, self.note)
+            got = base.unpack(self.base_source, tree, self.note)
+            if spec.exclude:
+                _drop_excluded(tree)
             meta.update({k: v for k, v in got.items() if k in ("runscript", "env", "labels", "mpi")})
         for d in MOUNT_POINTS:
             tree.mkdir("/" + d)
@@ -65,6 +73,9 @@ class Build:
             argv = self.add_program(host, "listed in the spec, line %d" % n)
             if runscript is None and argv:
                 runscript = argv
+        for interpreter, scripts in self.python.items():
+            extra = [f for d in self.listed_dirs for f in _python_files(d) if f not in scripts]
+            solve_python.solve(tree, self.elf, scripts, interpreter, self.note, self.warn, extra)
         for n, src, dst in spec.files:
             host = spec.host_path(src)
             if not os.path.exists(host):
@@ -92,6 +103,8 @@ class Build:
             if not exists(staging, "/etc/" + name):
                 tree.write("/etc/" + name, content, "minimal user database")
         self._loader_cache(staging)
+        if tree.specials_note():
+            self.log("hpcrun: " + tree.specials_note())
         tree.mkdir("/.hpcrun")
         tree.write("/.hpcrun/image.json", json.dumps(meta, indent=1, sort_keys=True) + "\n", "metadata")
         tree.write("/.hpcrun/env", "".join("%s=%s\n" % (k, v) for k, v in meta["env"]), "environment")
@@ -100,9 +113,13 @@ class Build:
 
     def add_program(self, host, why):
         """Add host path with what it needs; return the argv that runs it in the image, or None."""
-        if os.path.isdir(host):
+        st = os.stat(host)
+        if stat.S_ISDIR(st.st_mode):
             self.tree.add_tree(host, why)
+            self.listed_dirs.append(host)
             return None
+        if not stat.S_ISREG(st.st_mode):          # a FIFO or a device: never opened
+            raise errors.Error(errors.DATA, "not a regular file or directory", host)
         with open(host, "rb") as f:
             head = f.read(256)
         ipath = self.tree.image_path(host)
@@ -115,7 +132,7 @@ class Build:
         if host.endswith(".py"):
             python = shutil.which("python3") or "/usr/bin/python3"
             self.add_program(python, "interpreter of %s" % ipath)
-            solve_python.solve(self.tree, self.elf, host, python, self.note)
+            self.python.setdefault(python, []).append(host)
             return [self.tree.image_path(python), ipath]
         return [ipath] if os.access(host, os.X_OK) else None
 
@@ -151,7 +168,7 @@ class Build:
         else:
             self.tree.add(host, why)
         if os.path.basename(program).startswith("python"):
-            solve_python.solve(self.tree, self.elf, host, program, self.note)
+            self.python.setdefault(program, []).append(host)
         return [ipath]
 
     def _copy(self, host, dst, why):
@@ -159,7 +176,12 @@ class Build:
             for top, dirs, files in os.walk(host):
                 rel = os.path.relpath(top, host)
                 for name in files:
-                    self.tree.add(os.path.join(top, name), why, os.path.normpath(os.path.join(dst, rel, name)))
+                    path, ipath = os.path.join(top, name), os.path.normpath(os.path.join(dst, rel, name))
+                    st = os.stat(path)
+                    if stat.S_ISREG(st.st_mode):
+                        self.tree.add(path, why, ipath)
+                    else:
+                        self.tree.special(path, ipath, st, why)
                 for name in dirs:
                     self.tree.mkdir(os.path.normpath(os.path.join(dst, rel, name)), why)
         else:
@@ -194,6 +216,27 @@ class Build:
         if r.returncode == 0:
             self.tree.why["/etc/ld.so.cache"] = "loader cache for " + ", ".join(dirs)
             self.note("+ /etc/ld.so.cache  (for %s)" % ", ".join(dirs))
+
+
+def _python_files(d):
+    for top, dirs, files in os.walk(d):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith(".py"):
+                yield os.path.join(top, name)
+
+
+def _drop_excluded(tree):
+    """Remove what %exclude matches from the unpacked base."""
+    for top, dirs, files in os.walk(tree.root):
+        for name in dirs + files:
+            path = os.path.join(top, name)
+            if tree.excluded("/" + os.path.relpath(path, tree.root)):
+                if name in dirs and not os.path.islink(path):
+                    shutil.rmtree(path)
+                    dirs.remove(name)
+                else:
+                    os.unlink(path)
 
 
 def _has_app(tree):

@@ -29,7 +29,7 @@ class Solver:
     def add(self, path, why, info=None):
         """Add the ELF file at host path (already in the tree or not) and its dependencies."""
         real = os.path.realpath(path)
-        if real in self.done:
+        if real in self.done or self._excluded(path):
             return
         info = info or elf.read(real)
         if info is None:
@@ -56,6 +56,8 @@ class Solver:
                 raise errors.Error(errors.NOINPUT, "cannot resolve shared library %s needed by %s" % (name, who),
                                    "searched: " + how)
             self.by_soname[name] = found
+            if self._excluded(found):            # the spec leaves it out (the site provides it)
+                continue
             if how in ("ld.so.cache", "LD_LIBRARY_PATH"):
                 self.cache_dirs.add(os.path.dirname(found))
             self.tree.add(found, "%s needed by %s (via %s)" % (name, who, how))
@@ -65,6 +67,10 @@ class Solver:
             dep = self.done[real] = elf.read(real)
             self.elves.append((self.tree.image_path(real), dep))
             self._deps(found, os.path.dirname(found), dep, loaders + [(origin, info)])
+
+    def _excluded(self, path):
+        return (self.tree.excluded(self.tree.image_path(os.path.abspath(path)))
+                or self.tree.excluded(self.tree.image_path(os.path.realpath(path))))
 
     def missing(self, path):
         """The first library path's closure cannot resolve (None when all resolve);

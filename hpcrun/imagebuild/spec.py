@@ -7,6 +7,7 @@
     %env                       NAME=VALUE
     %labels                    KEY VALUE
     %runscript                 shell text, run by /bin/sh with the image's args
+    %exclude                   GLOB  image paths left out (fnmatch, * matches /)
 
 Lines starting with # are comments, blank lines are skipped everywhere except
 inside %runscript, whose text is kept as written.
@@ -16,7 +17,7 @@ import shlex
 
 from hpcrun import errors
 
-SECTIONS = ("include", "files", "env", "labels", "runscript")
+SECTIONS = ("include", "files", "env", "labels", "runscript", "exclude")
 
 
 class Spec:
@@ -30,6 +31,7 @@ class Spec:
         self.env = []             # [(name, value)]
         self.labels = {}
         self.runscript = None     # shell text or None
+        self.exclude = []         # globs of image paths left out
 
     def host_path(self, written):
         """A path as written in the spec, relative ones taken from the spec's directory."""
@@ -104,6 +106,10 @@ def parse(text, path=None):
             if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
                 value = value[1:-1]
             spec.env.append((name, value))
+        elif section == "exclude":
+            if not line.startswith(("/", "*")):
+                raise errors.Error(errors.DATA, "an %exclude glob matches image paths: start it with / or *", at)
+            spec.exclude.append(line.rstrip("/") or "/")
         elif section == "labels":
             key, _, value = line.partition(" ")
             spec.labels[key] = value.strip()

@@ -7,6 +7,7 @@ staged root with chroot semantics (inside()), so a symlink in a base image
 such as /lib64 -> /lib can never send a write to the host.
 """
 import errno
+import fnmatch
 import os
 import shutil
 import stat
@@ -17,12 +18,26 @@ APP = "/app"          # where the spec's relative paths land
 
 
 class Tree:
-    def __init__(self, root, spec_dir=None, log=None):
+    def __init__(self, root, spec_dir=None, log=None, exclude=()):
         self.root = root
         self.spec_dir = spec_dir
         self.log = log or (lambda line: None)
+        self.exclude = list(exclude)     # the spec's %exclude globs (image paths)
         self.why = {}            # image path -> reason it is in the image
         self.host = {}           # image path -> host path it came from (regular files)
+        self.specials = []       # device nodes, FIFOs, sockets left out (image paths)
+        self.warned = set()      # image paths a warning line was printed for
+
+    def excluded(self, image_path):
+        """Whether a %exclude glob matches image_path or a directory above it."""
+        if not self.exclude:
+            return False
+        parts = image_path.rstrip("/").split("/")
+        for i in range(2, len(parts) + 1):
+            prefix = "/".join(parts[:i])
+            if any(fnmatch.fnmatchcase(prefix, g) for g in self.exclude):
+                return True
+        return False
 
     def image_path(self, host_path):
         """Where a host path lives in the image: under the spec's directory -> /app."""
@@ -44,21 +59,58 @@ class Tree:
             self._put_file(real, self.image_path(real), why)
         return real
 
-    def add_tree(self, host_dir, why, skip=lambda name: False):
-        """Add a whole host directory (packages with their data files)."""
+    def add_tree(self, host_dir, why, skip=lambda path: False):
+        """Add a whole host directory (packages with their data files).  skip(host path)
+        leaves a file or directory out; device nodes, FIFOs and sockets are never
+        opened (special())."""
         real = self.add(host_dir, why)
         for top, dirs, files in os.walk(real):
-            dirs[:] = [d for d in dirs if not skip(d)]
+            dirs[:] = [d for d in dirs if not skip(os.path.join(top, d))
+                       and not self.excluded(self.image_path(os.path.join(top, d)))]
             for name in files + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
-                if not skip(name):
-                    self.add(os.path.join(top, name), why)
+                path = os.path.join(top, name)
+                if skip(path):
+                    continue
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode) or stat.S_ISREG(st.st_mode):
+                    self.add(path, why)
+                else:
+                    self.special(path, self.image_path(path), st, why)
             for d in dirs:
                 self.mkdir(self.image_path(os.path.join(top, d)), why)
+
+    def special(self, host_path, image_path, st, why):
+        """A device node, FIFO or socket: recreated (as root, where mknod works),
+        otherwise left out and listed in the build's one note.  Never opened."""
+        if self.excluded(image_path):
+            return
+        self.specials.append(image_path)
+        if os.geteuid() != 0:
+            return
+        dst = inside(self.root, image_path)
+        _unlink(dst)
+        try:
+            os.mknod(dst, st.st_mode, st.st_rdev)
+        except OSError:
+            return
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        self.specials.pop()
+        self._note(image_path, why)
+
+    def specials_note(self):
+        """The one line for what special() left out, or None."""
+        if not self.specials:
+            return None
+        shown = ", ".join(self.specials[:4]) + (" ..." if len(self.specials) > 4 else "")
+        return ("note: left out %d device node(s), FIFO(s) or socket(s) (recreating them needs root; "
+                "the launcher provides /dev): %s" % (len(self.specials), shown))
 
     def has(self, image_path):
         return image_path in self.why
 
     def mkdir(self, image_path, why=None, mode=0o755):
+        if why and self.excluded(image_path):
+            return
         dst = inside(self.root, image_path, follow_last=True)
         if not os.path.lexists(dst):
             os.mkdir(dst, mode)
@@ -75,6 +127,8 @@ class Tree:
         self._note(image_path, why)
 
     def symlink(self, image_path, target, why):
+        if self.excluded(image_path):
+            return
         dst = inside(self.root, image_path)
         if os.path.lexists(dst):
             if os.path.islink(dst) and os.readlink(dst) == target:
@@ -87,6 +141,8 @@ class Tree:
 
     def _put_file(self, real, image_path, why):
         if image_path in self.host and self.host[image_path] == real:
+            return
+        if self.excluded(image_path):
             return
         try:
             st = os.stat(real)
@@ -103,7 +159,7 @@ class Tree:
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK):
                 raise
-            shutil.copy2(real, dst)
+            shutil.copy2(real, dst)          # copy2: mtimes kept, so .pyc files stay valid
         self.host[image_path] = real
         self._note(image_path, why)
 
