@@ -518,6 +518,21 @@ def test_from_rootfs_with_fifo_as_user(hpcrun_bin, as_user, busybox_root, shared
     assert os.listdir(tmp) == []
     listing = payload_names(out)
     assert "/dev/fifo" not in listing and "/dev/console" not in listing and "/bin/busybox" in listing
+    if os.getuid() != 0:
+        return
+    # An image base with device nodes: unsquashfs cannot make them unprivileged.
+    sqfs = os.path.join(shared_dir, "devroot.sqfs")
+    subprocess.run(["mksquashfs", src, sqfs, "-quiet", "-no-progress", "-all-root"], check=True,
+                   stdout=subprocess.DEVNULL)
+    os.chmod(sqfs, 0o644)
+    out = os.path.join(out_dir, "fromsqfs.img")
+    r = as_user([hpcrun_bin, "build", out, "--from", sqfs], env={"TMPDIR": tmp})
+    assert r.returncode == 0, r.stderr
+    notes = [l for l in r.stderr.splitlines() if l.startswith("hpcrun: note:")]
+    assert len(notes) == 1 and "/dev/console" in notes[0], r.stderr
+    assert os.listdir(tmp) == []
+    listing = payload_names(out)
+    assert "/dev/console" not in listing and "/dev/fifo" in listing and "/bin/busybox" in listing
 
 
 def test_from_docker_layer_symlink_does_not_escape(hpcrun_bin, work, tmp_path):

@@ -16,6 +16,7 @@ valid for its .py).
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -55,7 +56,7 @@ def unpack(source, tree, log):
         return _archive(source, tree, log)
     img = image.open_image(source)
     log("base: %s image %s" % (img.kind, source))
-    _unsquash(img, root)
+    _unsquash(img, tree)
     meta = img.meta()
     if not meta:
         try:
@@ -116,9 +117,15 @@ def _copy_dir(src, tree):
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def _unsquash(img, root):
-    """unsquashfs has no offset option: copy the payload range to a temp file first."""
-    tmp = None
+DEVICE_LINE = re.compile(r"^[cb]\S*\s+\S+\s+\d+,\s*\d+\s+\S+\s+\S+\s(/.*)$")
+
+
+def _unsquash(img, tree):
+    """unsquashfs has no offset option: copy the payload range to a temp file first.
+    Unprivileged, unsquashfs cannot make device nodes (and fails): those are
+    listed first and left out (Tree.specials, one note)."""
+    root = tree.root
+    tmp = excludes = None
     try:
         src = img.path
         if img.offset:
@@ -133,14 +140,30 @@ def _unsquash(img, root):
                     out.write(block)
                     left -= len(block)
             src = tmp
-        r = subprocess.run(["unsquashfs", "-f", "-n", "-no-xattrs", "-d", root, src],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cmd = ["unsquashfs", "-f", "-n", "-no-xattrs", "-d", root]
+        if os.geteuid() != 0:
+            devices = _devices(src)
+            if devices:
+                fd, excludes = tempfile.mkstemp(prefix="hpcrun-base-", suffix=".exclude")
+                with os.fdopen(fd, "w") as f:
+                    f.write("".join(d.lstrip("/") + "\n" for d in devices))
+                cmd += ["-exclude-file", excludes]
+                tree.specials.extend(devices)
+        r = subprocess.run(cmd + [src], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["unsquashfs failed"])[-1]
             raise errors.Error(errors.DATA, "cannot unpack base image: %s" % last, img.path)
     finally:
-        if tmp:
-            os.unlink(tmp)
+        for path in (tmp, excludes):
+            if path:
+                os.unlink(path)
+
+
+def _devices(sqfs):
+    """Device nodes in a SquashFS (its listing; nothing is extracted)."""
+    r = subprocess.run(["unsquashfs", "-lln", "-d", "", sqfs], stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL, text=True, errors="surrogateescape")
+    return [m.group(1) for m in map(DEVICE_LINE.match, r.stdout.splitlines()) if m]
 
 
 def _archive(path, tree, log):
