@@ -39,6 +39,7 @@ def pbs(hpcrun_bin, shared_dir):
         assert f.read() == hosts_before
     assert not os.path.exists(testbed.HOSTS_SAVED)
     assert testbed.running_daemons() == []
+    assert [f for f in testbed.RUN_FILES + [testbed.HOME] if os.path.lexists(f)] == []
 
 
 def write_config(site, **changes):

@@ -8,9 +8,12 @@ stop() ends them and puts /etc/hosts back.  PBS refuses a host name that
 resolves only to loopback, so for the run the host name maps to this machine's
 own interface address: traffic stays on this machine.
 
-/opt/pbs, /etc/pbs.conf, /etc/init.d/pbs and PBS_HOME (/var/spool/pbs) stay
-between runs as the installed PBS; jobs and hpcrun's hooks do not (start()
-clears them).  One PBS per machine: a second session waits on a lock.
+Only /opt/pbs stays between runs.  What PBS's postinstall sets up for a run
+(/etc/pbs.conf, /etc/init.d/pbs, its systemd unit, PBS_HOME = /var/spool/pbs
+with the datastore) is made by start() and removed by stop(), as is a crashed
+run's at the next start().  A PBS that is not this test bed's (/etc/pbs.conf
+naming another PBS_EXEC) is never touched.  One PBS per machine: a second
+session waits on a lock.
 
     python3 tests/testbed/pbs.py build|start|stop|status
 """
@@ -40,6 +43,13 @@ LOCK = "/run/lock/hpcrun-testbed-pbs.lock"
 BIN = os.path.join(PREFIX, "bin")
 INIT = os.path.join(PREFIX, "libexec", "pbs_init.d")
 HOOK_NAMES = ("hpcrun_submit", "hpcrun_launch")
+# Written by `make install` and pbs_postinstall outside the prefix: login shells' PATH,
+# not needed here (the test bed calls PBS's programs by absolute path).
+INSTALL_EXTRAS = ["/etc/profile.d/pbs.sh", "/etc/profile.d/pbs.csh"]
+# Made by pbs_postinstall for a run, removed by stop(); PBS_HOME too.
+RUN_FILES = [CONF, "/etc/init.d/pbs", "/lib/systemd/system/pbs.service",
+             "/etc/systemd/system/multi-user.target.wants/pbs.service",
+             "/var/tmp/pbs_boot_check", "/var/tmp/.pbs_last_query_0"] + INSTALL_EXTRAS
 
 # OpenPBS's INSTALL, Debian section (build, then run).
 BUILD_DEPS = ["gcc", "g++", "make", "libtool", "autoconf", "automake", "perl", "swig",
@@ -139,6 +149,9 @@ def build(force=False):
                 if subprocess.run(["make", "install"], cwd=tree, stdout=out, stderr=subprocess.STDOUT,
                                   env=env).returncode != 0:
                     raise TestbedError("OpenPBS make install failed")
+            for extra in INSTALL_EXTRAS:
+                if os.path.exists(extra):
+                    os.unlink(extra)
             with open(STAMP, "w") as f:
                 f.write("%s  %s\n" % (digest, os.path.basename(src)))
         except BaseException:
@@ -231,30 +244,35 @@ def _conf_set(key, value):
         f.write("\n".join(lines) + "\n")
 
 
+def ours():
+    """True unless /etc/pbs.conf belongs to another PBS installation."""
+    try:
+        with open(CONF) as f:
+            conf = dict(l.strip().split("=", 1) for l in f if "=" in l)
+    except FileNotFoundError:
+        return True
+    return conf.get("PBS_EXEC", PREFIX) == PREFIX
+
+
+def remove_run_files():
+    for path in RUN_FILES:
+        if os.path.lexists(path):
+            os.unlink(path)
+    shutil.rmtree(HOME, ignore_errors=True)
+
+
 def configure():
-    """pbs_postinstall once (PBS_HOME, /etc/pbs.conf), then the settings of this test bed."""
-    if not (os.path.exists(CONF) and os.path.isdir(os.path.join(HOME, "server_priv"))):
-        for stale in (CONF, HOME):       # after a failed first start: wipe and redo (README)
-            if os.path.isdir(stale):
-                shutil.rmtree(stale)
-            elif os.path.exists(stale):
-                os.unlink(stale)
-        _run([os.path.join(PREFIX, "libexec", "pbs_postinstall")], env=pbs_env(),
-             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # postinstall enables a boot-time service: the test bed starts PBS itself
-        for unit in glob.glob("/etc/systemd/system/*.wants/pbs.service"):
-            os.unlink(unit)
+    """pbs_postinstall (/etc/pbs.conf, PBS_HOME), then the settings of this test bed."""
+    remove_run_files()             # a crashed run's
+    _run([os.path.join(PREFIX, "libexec", "pbs_postinstall")], env=pbs_env(),
+         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _conf_set("PBS_SERVER", socket.gethostname())
     _conf_set("PBS_START_MOM", "1")
     for prog in ("pbs_iff", "pbs_rcp"):
         os.chmod(os.path.join(PREFIX, "sbin", prog), 0o4755)
-    config = os.path.join(HOME, "mom_priv", "config")
-    with open(config) as f:
-        text = f.read()
-    if "$usecp" not in text:
-        # job output files are local paths: copy, no rcp/scp
-        with open(config, "a") as f:
-            f.write("$usecp *:/ /\n")
+    # job output files are local paths: copy, no rcp/scp
+    with open(os.path.join(HOME, "mom_priv", "config"), "a") as f:
+        f.write("$usecp *:/ /\n")
 
 
 def stop_daemons():
@@ -410,9 +428,12 @@ def start():
         raise TestbedError("the PBS test bed needs root")
     build()
     lock = _locked(LOCK).__enter__()
+    if not ours():
+        lock.__exit__()
+        raise TestbedError("%s belongs to another PBS installation: the test bed leaves it alone" % CONF)
     try:
-        map_hostname()
         stop_daemons()            # a crashed run's daemons
+        map_hostname()
         configure()
         t0 = time.monotonic()
         p = subprocess.run([INIT, "start"], env=pbs_env(), capture_output=True, text=True)
@@ -428,6 +449,7 @@ def start():
         return pbs
     except BaseException:
         stop_daemons()
+        remove_run_files()
         restore_hosts()
         lock.__exit__()
         raise
@@ -436,12 +458,9 @@ def start():
 def stop(pbs=None):
     """Stop every PBS daemon and put /etc/hosts back."""
     try:
-        if pbs is not None:
-            try:
-                pbs.reset()
-            except TestbedError as err:
-                log("reset before stop: %s" % err)
-        stop_daemons()
+        if ours():
+            stop_daemons()
+            remove_run_files()
     finally:
         restore_hosts()
         if pbs is not None and getattr(pbs, "_lock", None):
