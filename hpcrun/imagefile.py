@@ -39,8 +39,28 @@ def is_hpcrun_image(first_bytes):
     return first_bytes.startswith(SHEBANG[:2]) and MAGIC in first_bytes[:256]
 
 
+_DIGITS = frozenset(b"0123456789")
+_HEX = frozenset(b"0123456789abcdef")
+
+
+def _number(field):
+    """A header number: ASCII digits only (int() would take '+1', '1_0', ' 1')."""
+    if not field or len(field) > 19 or not _DIGITS.issuperset(field):
+        raise ValueError(field)
+    return int(field)
+
+
 def read_header(path, fd=None, file_size=None):
-    """Parse and bounds-check the header; raise errors.Error on any defect."""
+    """Parse and bounds-check the header; raise errors.Error(DATA) on any defect.
+
+    Checked here, without json (the launch path reads this): the fixed line is
+    exactly five fields of the right form (the digest 64 lowercase hex digits,
+    as it names files in the run directory), the payload offset is page
+    aligned and leaves room for the header, the payload lies inside the file
+    and starts with a SquashFS magic, and the metadata line is one line of
+    printable UTF-8 between braces, followed only by NUL padding.  Whether the
+    metadata is valid JSON is checked by Header.meta() (inspect, --dry-run)
+    and by the node's keeper (stage.py), once per node."""
     own = fd is None
     if own:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -50,41 +70,77 @@ def read_header(path, fd=None, file_size=None):
         head = os.pread(fd, PAGE, 0)
         nl1 = head.find(b"\n")
         nl2 = head.find(b"\n", nl1 + 1)
-        if nl1 < 0 or nl2 < 0 or not head[nl1 + 1:].startswith(MAGIC):
+        if nl1 < 0 or nl2 < 0 or not head[nl1 + 1:].startswith(MAGIC + b" "):
             raise errors.Error(errors.DATA, "not an hpcrun image: bad header", path)
-        fields = head[nl1 + 1:nl2].split()
+        fields = head[nl1 + 1:nl2].split(b" ")
         if len(fields) != 5:
-            raise errors.Error(errors.DATA, "corrupt image header", path)
+            raise errors.Error(errors.DATA, "corrupt image header: expected 5 fields", path)
         h = Header()
         try:
-            h.version = int(fields[1])
-            h.offset = int(fields[2])
-            h.size = int(fields[3])
+            h.version = _number(fields[1])
+            h.offset = _number(fields[2])
+            h.size = _number(fields[3])
         except ValueError:
-            raise errors.Error(errors.DATA, "corrupt image header", path)
-        h.sha256 = fields[4].decode("ascii", "replace")
+            raise errors.Error(errors.DATA, "corrupt image header: version, offset and size must be numbers", path)
+        if len(fields[4]) != 64 or not _HEX.issuperset(fields[4]):
+            raise errors.Error(errors.DATA, "corrupt image header: the sha256 is not 64 hex digits", path)
+        h.sha256 = fields[4].decode("ascii")
         if h.version != VERSION:
             raise errors.Error(errors.DATA, "unsupported image format version %d "
                                "(this hpcrun reads version %d)" % (h.version, VERSION), path)
-        if (h.offset < PAGE or h.offset % PAGE or h.offset > HEADER_MAX or h.size <= 0
-                or len(h.sha256) != 64):
-            raise errors.Error(errors.DATA, "corrupt image header", path)
+        if h.offset < PAGE or h.offset % PAGE or h.offset > HEADER_MAX:
+            raise errors.Error(errors.DATA, "corrupt image header: payload offset %d is not a multiple of %d "
+                               "between %d and %d" % (h.offset, PAGE, PAGE, HEADER_MAX), path)
+        if h.size <= 0:
+            raise errors.Error(errors.DATA, "corrupt image header: payload size is 0", path)
         if h.offset + h.size > file_size:
             raise errors.Error(errors.DATA, "truncated image: payload ends at byte %d, file has %d"
                                % (h.offset + h.size, file_size), path)
+        if h.offset > PAGE:
+            head = os.pread(fd, h.offset, 0)
+        end = head.find(b"\n", nl2 + 1)
+        meta = head[nl2 + 1:end] if end > 0 else b""
+        if (end < 0 or not meta.startswith(b"{") or not meta.endswith(b"}")
+                or head[end + 1:h.offset].strip(b"\0") or not _printable(meta)):
+            raise errors.Error(errors.DATA, "corrupt image header: bad metadata line", path)
         if os.pread(fd, 4, h.offset) != SQUASHFS_MAGIC:
             raise errors.Error(errors.DATA, "corrupt image: no SquashFS payload at offset %d"
                                % h.offset, path)
-        end = head.find(b"\n", nl2 + 1)
-        if end < 0 and h.offset > PAGE:
-            end_block = os.pread(fd, h.offset, 0)
-            end = end_block.find(b"\n", nl2 + 1)
-            head = end_block
-        h.meta_raw = head[nl2 + 1:end] if end > 0 else b""
+        h.meta_raw = meta
         return h
     finally:
         if own:
             os.close(fd)
+
+
+_CONTROL = bytes(range(32)) + b"\x7f"
+
+
+def _printable(raw):
+    """UTF-8 without control characters (json.dumps writes none: it escapes them)."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return len(raw.translate(None, _CONTROL)) == len(raw)
+
+
+def check_meta(path, h):
+    """The metadata line parsed; a line that is not a JSON object is error 65."""
+    import json
+    try:
+        meta = json.loads(h.meta_raw)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise errors.Error(errors.DATA, "corrupt image header: the metadata line is not a JSON object", path)
+    return meta
+
+
+def check_digest(path, claimed, actual):
+    if actual != claimed:
+        raise errors.Error(errors.DATA, "image payload does not match its header: sha256 %s..., header claims %s..."
+                           % (actual[:16], claimed[:16]), path)
 
 
 def write_image(out_path, squashfs_path, meta, mode=0o755):
