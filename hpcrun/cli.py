@@ -100,6 +100,9 @@ def parse(argv, mode):
     if i >= len(argv):
         raise errors.Error(errors.USAGE, "missing IMAGE (see hpcrun --help)")
     o.image = argv[i]
+    if not o.image:
+        # `hpcrun "$HPCRUN_IMAGE" cmd` with the variable unset: not the current directory
+        raise errors.Error(errors.USAGE, "image argument is empty")
     o.command = argv[i + 1:]
     if mode == "exec":
         if not o.command:

@@ -47,7 +47,7 @@ def main(argv):
     _fuse(rep)
     _launcher(rep)
     host = _host_mpi(rep, cfg)
-    if image:
+    if image is not None:         # "" too: an empty IMAGE (unset variable) is an error, not "no image"
         _image(rep, image, cfg, host)
     _fabric(rep, cfg)
     _gpu(rep, cfg)

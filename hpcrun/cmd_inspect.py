@@ -3,6 +3,10 @@
 hpcrun images carry their metadata in the header, directories in
 /.hpcrun/image.json; for plain SquashFS and SIF files the metadata is inside
 the filesystem, and inspect says so instead of mounting.
+
+An hpcrun image's header claims the sha256 of its payload; inspect shows it
+as claimed unless --verify reads the payload and checks it (a mismatch is
+error 65, as when a launch stages it).
 """
 import argparse
 import json
@@ -16,25 +20,50 @@ class Parser(argparse.ArgumentParser):
         raise errors.Error(errors.USAGE, message, self.prog)
 
 
-def describe(path):
+def describe(path, verify=False):
     img = image.open_image(path)
     meta = img.meta()
     d = {"path": img.path, "format": img.kind,
          "size": img.st.st_size if img.kind != "dir" else None,
          "payload": None if img.kind == "dir" else {"offset": img.offset, "size": img.size},
-         "sha256": img.digest, "labels": meta.get("labels") or {}, "runscript": meta.get("runscript"),
+         "sha256_claimed": img.digest, "sha256_verified": False,
+         "labels": meta.get("labels") or {}, "runscript": meta.get("runscript"),
          "env": meta.get("env") or [], "mpi": meta.get("mpi"), "build": meta.get("build")}
     if img.kind in ("squashfs", "sif"):
         d["note"] = "metadata of a %s image lives inside its filesystem; not read without mounting" % img.kind
+    if verify and img.digest:
+        verify_payload(img)
+        d["sha256_verified"] = True
     return d
+
+
+def verify_payload(img):
+    """Read the payload and compare its sha256 with the header's claim."""
+    import hashlib
+    from hpcrun import imagefile
+    h = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    with open(img.path, "rb", buffering=0) as f:
+        f.seek(img.offset)
+        left = img.size
+        while left:
+            n = f.readinto(view[:min(left, len(buf))])
+            if not n:
+                raise errors.Error(errors.DATA, "truncated image: payload ends early", img.path)
+            h.update(view[:n])
+            left -= n
+    imagefile.check_digest(img.path, img.digest, h.hexdigest())
 
 
 def main(argv):
     p = Parser(prog="hpcrun inspect", description="Show an image's format, digest and metadata.")
     p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    p.add_argument("--verify", action="store_true",
+                   help="read the payload and check the sha256 its header claims (error 65 if it differs)")
     p.add_argument("image", metavar="IMAGE")
     args = p.parse_args(argv)
-    d = describe(args.image)
+    d = describe(args.image, args.verify)
     if args.json:
         json.dump(d, sys.stdout, indent=1, sort_keys=True)
         sys.stdout.write("\n")
@@ -43,8 +72,9 @@ def main(argv):
     if d["size"] is not None:
         out.append("size:       %s (payload %d bytes at offset %d)" % (_human(d["size"]), d["payload"]["size"],
                                                                         d["payload"]["offset"]))
-    if d["sha256"]:
-        out.append("sha256:     %s" % d["sha256"])
+    if d["sha256_claimed"]:
+        out.append("sha256:     %s (%s)" % (d["sha256_claimed"], "verified: the payload matches" if d["sha256_verified"]
+                                          else "claimed by the header, not checked; --verify checks it"))
     if d.get("note"):
         out.append("note:       %s" % d["note"])
     out.append("runscript:  %s" % (" ".join(d["runscript"]) if d["runscript"] else "(none)"))

@@ -7,6 +7,13 @@ Four kinds are accepted, told apart by content, not by name:
   dir      a directory holding a root filesystem (a "sandbox")
 Every check here runs as the calling user: an image the user cannot read is
 an error even when the node could mount it.
+
+What the file claims is not what it is: an hpcrun image's header names the
+sha256 of its payload, but nothing here reads the payload to check it (a rank
+must not read hundreds of MB).  So an image is identified (`ident`, part of
+the container key and of a staged copy's name) by what the file is: device,
+inode, size, mtime and ctime; the claimed digest is checked where the payload
+is read anyway, while it is staged (stage.py), and by `inspect --verify`.
 """
 import os
 import stat
@@ -24,7 +31,7 @@ class Image:
         if self.kind != "dir":
             d.update(offset=self.offset, size=self.size)
         if self.digest:
-            d["sha256"] = self.digest
+            d["sha256_claimed"] = self.digest
         return d
 
     def meta(self):
@@ -32,10 +39,7 @@ class Image:
         the sandbox's /.hpcrun/image.json; {} where it needs a mount."""
         import json
         if self.kind == "hpcrun":
-            try:
-                return json.loads(self.meta_raw or b"{}")
-            except ValueError:
-                return {}
+            return imagefile.check_meta(self.path, self)
         if self.kind == "dir":
             try:
                 with open(os.path.join(self.path, ".hpcrun/image.json")) as f:
@@ -46,6 +50,9 @@ class Image:
 
 
 def open_image(path):
+    if not path:
+        # what a job gets from `hpcrun "$HPCRUN_IMAGE" ...` with the variable unset
+        raise errors.Error(errors.USAGE, "image argument is empty")
     img = Image()
     img.path = os.path.abspath(path)
     img.digest = None
@@ -81,7 +88,6 @@ def open_image(path):
             h = imagefile.read_header(path, fd, st.st_size)
             img.kind, img.offset, img.size = "hpcrun", h.offset, h.size
             img.digest, img.meta_raw = h.sha256, h.meta_raw
-            img.ident = "sha256:" + h.sha256
         elif first[SIF_MAGIC_AT[0]:SIF_MAGIC_AT[0] + len(SIF_MAGIC_AT[1])] == SIF_MAGIC_AT[1]:
             from hpcrun import sif
             img.kind = "sif"
@@ -95,9 +101,14 @@ def open_image(path):
         _check_superblock(path, os.pread(fd, 48, img.offset), img.size)
     finally:
         os.close(fd)
-    if img.kind != "hpcrun":
-        img.ident = "%s:%d:%d:%d:%d" % (img.kind, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    img.ident = identity(img.kind, st)
     return img
+
+
+def identity(kind, st):
+    """What a file is, not what it says: a changed file (ctime moves on every
+    write, chmod or rename over it) is another image."""
+    return "%s:%d:%d:%d:%d:%d" % (kind, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _check_superblock(path, raw, size):
