@@ -128,10 +128,13 @@ def mount_image(plan, target, run_dir_fd, run_dir):
     how = strategy(plan)
     st = Stage()
     flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
+    if img["kind"] == "hpcrun":
+        _check_header(img)
     if how == "dir":
         linux.mount(img["path"], target, None, linux.MS_BIND | linux.MS_REC)
         linux.mount(None, target, None, linux.MS_REMOUNT | linux.MS_BIND | flags)
     elif how == "kernel":
+        _check_identity(img)
         _loop_mount(img, target)
     elif how == "fuse":
         source = img["path"]
@@ -141,6 +144,8 @@ def mount_image(plan, target, run_dir_fd, run_dir):
                 opts = ["-o", "offset=%d" % img["offset"]]
             else:
                 source = _staged_payload(img, st, run_dir_fd, run_dir)
+        if source == img["path"]:
+            _check_identity(img)
         _squashfuse(source, target, opts, st)
     elif how == "extract":
         source = _staged_payload(img, st, run_dir_fd, run_dir) if img["offset"] else img["path"]
@@ -148,6 +153,28 @@ def mount_image(plan, target, run_dir_fd, run_dir):
     plan["stage"] = {"strategy": how, "source": st.stage_path or img["path"],
                      "offset": 0 if st.stage_path else img.get("offset", 0)}
     return st
+
+
+def _check_header(img):
+    """Once per node, what a rank does not do (it must not import json): the
+    header's metadata line must be a JSON object; and the header is still
+    the one the rank read."""
+    from hpcrun import imagefile
+    h = imagefile.read_header(img["path"])
+    imagefile.check_meta(img["path"], h)
+    if (h.offset, h.size, h.sha256) != (img["offset"], img["size"], img.get("sha256_claimed")):
+        raise errors.Error(errors.DATA, "image changed while its container was being started", img["path"])
+
+
+def _check_identity(img):
+    """An image mounted in place is the file the plan (and the key) named."""
+    from hpcrun import image as image_mod
+    try:
+        same = image_mod.identity(img["kind"], os.stat(img["path"])) == img["ident"]
+    except OSError:
+        same = False
+    if not same:
+        raise errors.Error(errors.DATA, "image changed while its container was being started", img["path"])
 
 
 def _loop_mount(img, target):
@@ -195,9 +222,25 @@ def _squashfuse(source, target, opts, st):
         time.sleep(0.002)
 
 
+def staged_name(img):
+    """A staged copy's name (img: the plan's image): the claimed digest for
+    people to read, and a hash of the file's identity, so that only this
+    file's payload, verified, is ever found under it.  Another image that
+    claims the same digest gets another name, and its own check."""
+    try:
+        from _sha256 import sha256
+    except ImportError:
+        from hashlib import sha256
+    ident = sha256(img["ident"].encode()).hexdigest()[:32]
+    if img.get("sha256_claimed"):
+        return "sha256_%s_%s" % (img["sha256_claimed"], ident)
+    return "%s_%s" % (img["kind"], ident)
+
+
 def _staged_payload(img, st, run_dir_fd, run_dir):
-    """Copy the payload to run_dir/stage/<ident>.sqfs once per node; hold a
-    shared lock on it for as long as this container lives.
+    """Copy the payload to run_dir/stage/<name>.sqfs once per node, checking
+    the header's sha256 while copying; hold a shared lock on it for as long as
+    this container lives.
 
     Containers with different keys (other binds, another job step) share one
     staged copy, and each holds LOCK_SH on it for its whole life, so a
@@ -207,7 +250,7 @@ def _staged_payload(img, st, run_dir_fd, run_dir):
         os.mkdir("stage", 0o700, dir_fd=run_dir_fd)
     except FileExistsError:
         pass
-    name = img["ident"].replace("/", "_").replace(":", "_")[:120]
+    name = staged_name(img)
     path = os.path.join(run_dir, "stage", name + ".sqfs")
     while True:
         lock_fd = fdio.lock_current(run_dir_fd, "stage/%s.lock" % name, fcntl.LOCK_SH)
@@ -224,11 +267,14 @@ def _staged_payload(img, st, run_dir_fd, run_dir):
                 _remove_stale_copies(run_dir_fd, name)
                 _copy_payload(img, path)
         except BaseException:
+            # We hold it exclusively: nobody else uses this name now.
+            _unlink_quietly("stage/%s.lock" % name, run_dir_fd)
             os.close(lock_fd)
             raise
         fcntl.flock(lock_fd, fcntl.LOCK_SH)
         break
     st.stage_lock, st.stage_path = lock_fd, path
+    _holding.append(st)
     return path
 
 
@@ -247,24 +293,94 @@ def _remove_stale_copies(run_dir_fd, name):
         os.close(stage_fd)
 
 
+COPY_BLOCK = 1 << 22
+
+
 def _copy_payload(img, path):
+    """Copy the payload with read/write, hashing what is written.
+
+    Not copy_file_range: that fails with EXDEV when the image lies on another
+    file system than the run directory (images on shared storage, /tmp
+    node-local), and the bytes must pass through here to be hashed anyway.
+    The file is opened once and must still be the file the plan named (its
+    identity is in the key), so what is staged is what was checked."""
+    import hashlib
+    from hpcrun import image as image_mod
+    claimed = img.get("sha256_claimed")
     tmp = path + ".%d.tmp" % os.getpid()
+    src = dst = None
     try:
-        with open(img["path"], "rb") as src, open(tmp, "wb") as dst:
-            left, off = img["size"], img["offset"]
-            while left:
-                n = os.copy_file_range(src.fileno(), dst.fileno(), min(left, 1 << 30), off)
-                if n <= 0:
-                    raise errors.Error(errors.DATA, "image shorter than its header says", img["path"])
-                left -= n
-                off += n
+        src = os.open(img["path"], os.O_RDONLY | os.O_CLOEXEC)
+        if image_mod.identity(img["kind"], os.fstat(src)) != img["ident"]:
+            raise errors.Error(errors.DATA, "image changed while its container was being started", img["path"])
+        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        _reserve(dst, img["size"], path)
+        digest = hashlib.sha256()
+        buf = bytearray(min(COPY_BLOCK, img["size"]))
+        view = memoryview(buf)
+        left, off = img["size"], img["offset"]
+        while left:
+            n = os.preadv(src, [view[:min(left, len(buf))]], off)
+            if n <= 0:
+                raise errors.Error(errors.DATA, "image shorter than its header says", img["path"])
+            chunk = view[:n]
+            if claimed:
+                digest.update(chunk)
+            while chunk:
+                chunk = chunk[_write(dst, chunk, path):]
+            left -= n
+            off += n
+        if claimed:
+            from hpcrun import imagefile
+            imagefile.check_digest(img["path"], claimed, digest.hexdigest())
+        os.close(dst)
+        dst = None
         os.rename(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
+    finally:
+        for fd in (src, dst):
+            if fd is not None:
+                os.close(fd)
+
+
+def _reserve(fd, size, path):
+    """Fail before copying when the run directory's file system cannot hold
+    the payload, not after filling it."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (28, 122):            # ENOSPC, EDQUOT
+            raise _no_space(fd, size, path)
+        # EOPNOTSUPP and friends: the write loop finds out
+
+
+def _write(fd, chunk, path):
+    try:
+        return os.write(fd, chunk)
+    except OSError as e:
+        if e.errno in (28, 122):
+            raise _no_space(fd, len(chunk), path)
+        raise errors.Error(errors.OSERR, "cannot stage the image's payload: %s" % e.strerror,
+                           os.path.dirname(path))
+
+
+def _no_space(fd, size, path):
+    try:
+        vfs = os.fstatvfs(fd)
+        free = "%.1f MiB free" % (vfs.f_bavail * vfs.f_frsize / 1048576.0)
+    except OSError:
+        free = "no space left"
+    return errors.Error(errors.OSERR, "no space to stage the image's payload (%.1f MiB; %s): free space there "
+                        "or set run_dir (docs/staging.md)" % (size / 1048576.0, free), os.path.dirname(path))
+
+
+def _unlink_quietly(name, dir_fd=None):
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
 
 
 def _extract(source, target, st):
@@ -279,10 +395,16 @@ def _extract(source, target, st):
     st.extract_dir = tmp
 
 
+_holding = []       # this process's Stages that hold a staged copy (a keeper has one)
+
+
 def release(st, run_dir_fd):
     """Keeper teardown: stop squashfuse, drop the staged payload if we were its last user."""
     for p in st.children:
         p.stop()
+    st.children = []
+    if st in _holding:
+        _holding.remove(st)
     if st.stage_lock is not None:
         fcntl.flock(st.stage_lock, fcntl.LOCK_UN)
         try:
@@ -293,6 +415,15 @@ def release(st, run_dir_fd):
         except OSError:
             pass
         os.close(st.stage_lock)
+        st.stage_lock = None
+
+
+def release_all(run_dir_fd):
+    """Every staged copy this process still holds, e.g. when the keeper fails
+    after the image was mounted (a bind that cannot be made): the last user
+    of a staged copy removes it on every path."""
+    for st in list(_holding):
+        release(st, run_dir_fd)
 
 
 def _which(name):
