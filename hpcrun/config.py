@@ -4,9 +4,11 @@ Plain `key = value` lines, `#` comments; a key given several times (or with a
 comma list) accumulates for list settings.  Files are read in order:
 hpcrun.conf, then hpcrun.conf.d/*.conf sorted by name, so a site wires MPI,
 fabric or GPU settings as numbered drop-ins (10-mpi.conf, 50-site.conf, ...).
-HPCRUN_CONF names another main file (tests, personal installs).  Only the
-administrator can write these files; HPCRUN_CONF, for a user, must name a
-root-owned file too, so users never override a "forbid" setting.
+HPCRUN_CONF names another main file.  For root it replaces the site's file
+(an administrator trying a new one).  For a user it can never loosen site
+policy, whoever owns it: the site's files are read first and stay the only
+source of policy, and the user's file comes after them with what a user may
+choose (USER_KEYS) and restrictions that add to the site's (TIGHTEN_ONLY).
 docs/config.md lists every key.
 """
 import os
@@ -27,10 +29,21 @@ DEFAULTS = {
 }
 
 
+# What a user's HPCRUN_CONF may set: choices that are the user's own anyway
+# (most have a command-line or environment equivalent).  Everything else -
+# binds, host libraries and devices, mount_strategy, any key added later - is
+# site policy, refused from a user's file (fail closed).
+USER_KEYS = frozenset(("linger", "run_dir", "mpi", "mpi_auto_prefer", "nv", "rocm", "writable_layer"))
+# Keys a user's file may only make stricter: forbid_bind adds to the list; a
+# boolean may be switched to "no" only.
+TIGHTEN_ONLY = frozenset(("forbid_bind", "allow_user_binds", "default_binds"))
+
+
 class Config:
     def __init__(self, values, sources):
         self.values = values      # key -> list of raw strings, in file order
         self.sources = sources
+        self.origin = {}          # key -> the file that set it last
 
     def get(self, key, default=None):
         v = self.values.get(key)
@@ -53,7 +66,7 @@ class Config:
             return True
         if v in ("0", "no", "false", "off", "never"):
             return False
-        raise errors.Error(errors.CONFIG, "bad boolean for %s in config: %r" % (key, v), self.sources[-1] if self.sources else None)
+        raise errors.Error(errors.CONFIG, "bad boolean for %s in config: %r" % (key, v), self.origin.get(key))
 
     def getint(self, key, default=0):
         v = self.get(key)
@@ -64,28 +77,41 @@ class Config:
 
 
 def load(environ=os.environ):
-    main = environ.get("HPCRUN_CONF") or DEFAULT_PATH
+    chosen = environ.get("HPCRUN_CONF")
+    if not chosen or os.getuid() == 0:
+        cfg = Config({}, [])
+        _read_files(cfg, chosen or DEFAULT_PATH, required=bool(chosen))
+        return cfg
+    cfg = Config({}, [])
+    _read_files(cfg, DEFAULT_PATH, required=False)
+    if os.path.realpath(chosen) == os.path.realpath(DEFAULT_PATH):
+        return cfg
+    mine = Config({}, [])
+    _read_files(mine, chosen, required=True)
+    _add_users_own(cfg, mine)
+    return cfg
+
+
+def _read_files(cfg, main, required):
     files = [main]
     dropins = main + ".d"
     try:
         files += [os.path.join(dropins, n) for n in sorted(os.listdir(dropins)) if n.endswith(".conf")]
     except OSError:
         pass
-    if environ.get("HPCRUN_CONF") and os.getuid() != 0:
-        for path in files:
-            _check_trusted(path)
-    values, sources = {}, []
     for path in files:
         try:
             with open(path) as f:
                 text = f.read()
         except FileNotFoundError:
-            if path == main and environ.get("HPCRUN_CONF"):
+            if path == main and required:
                 raise errors.Error(errors.CONFIG, "config file not found", path)
             continue
         except OSError as e:
             raise errors.Error(errors.CONFIG, "config file not readable: %s" % e.strerror, path)
-        sources.append(path)
+        except UnicodeDecodeError:
+            raise errors.Error(errors.CONFIG, "config file is not UTF-8 text", path)
+        cfg.sources.append(path)
         for n, line in enumerate(text.splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -94,20 +120,24 @@ def load(environ=os.environ):
             if not sep:
                 raise errors.Error(errors.CONFIG, "expected 'key = value' at line %d" % n, path)
             key = key.strip().lower().replace(" ", "_").replace("-", "_")
-            values.setdefault(key, []).append(value.strip())
-    return Config(values, sources)
+            cfg.values.setdefault(key, []).append(value.strip())
+            cfg.origin[key] = path
 
 
-def _check_trusted(path):
-    """HPCRUN_CONF may name another config (tests, a second install), but the
-    config holds site policy (forbid_bind, allow_user_binds): for a user it
-    must be the administrator's file, owned by root and writable only by root."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise errors.Error(errors.CONFIG, "config file not found", path)
-    except OSError as e:
-        raise errors.Error(errors.CONFIG, "config file not readable: %s" % e.strerror, path)
-    if st.st_uid != 0 or st.st_mode & 0o022:
-        raise errors.Error(errors.CONFIG, "HPCRUN_CONF must name a file owned and writable only by root "
-                           "(it holds site policy)", path)
+def _add_users_own(site, mine):
+    """Merge a user's HPCRUN_CONF into the site's config without loosening it."""
+    for key, values in mine.values.items():
+        where = mine.origin[key]
+        if key in USER_KEYS or key == "forbid_bind":
+            site.values.setdefault(key, []).extend(values)
+        elif key in TIGHTEN_ONLY:
+            if mine.getbool(key) and not site.getbool(key, True):
+                raise errors.Error(errors.CONFIG, "HPCRUN_CONF cannot loosen the site's policy: %s is no in %s"
+                                   % (key, site.origin.get(key, DEFAULT_PATH)), where)
+            site.values.setdefault(key, []).extend(values)
+        else:
+            raise errors.Error(errors.CONFIG, "HPCRUN_CONF cannot set %s: site policy, set only in %s "
+                               "(a user's file may set %s, and restrict %s)"
+                               % (key, DEFAULT_PATH, ", ".join(sorted(USER_KEYS)),
+                                  ", ".join(sorted(TIGHTEN_ONLY))), where)
+    site.sources += mine.sources
