@@ -2,6 +2,9 @@
 
 Images are built once per session in a world-readable directory so the
 unprivileged test user can use them too (pytest's tmp_path is root-only).
+That directory is a file system of its own (a tmpfs mounted for the session),
+as images on a cluster lie on shared storage, never on the file system of the
+node-local /tmp where run directories and staged copies live.
 """
 import os
 import pwd
@@ -34,11 +37,24 @@ def hpcrun_bin():
 
 @pytest.fixture(scope="session")
 def shared_dir():
-    """A world-readable scratch directory for the whole session."""
+    """A world-readable scratch directory for the whole session, on its own
+    file system (root only: as a user, a plain directory in /tmp).  Setuid
+    and exec are honoured there, as on the host file systems tests compare
+    with.  Unmounted at the end, lazily: a lingering container may still
+    hold an image open."""
     d = tempfile.mkdtemp(prefix="hpcrun-tests-")
+    mounted = os.getuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "mode=0755,size=8g", "hpcrun-test-images", d]).returncode == 0
+    if mounted:
+        subprocess.run(["mount", "--make-private", d], check=True)
+        assert os.stat(d).st_dev != os.stat(os.path.dirname(d)).st_dev
     os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    try:
+        yield d
+    finally:
+        if mounted:
+            subprocess.run(["umount", "--lazy", d], check=True)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
