@@ -243,6 +243,7 @@ def _stop(keeper, dir_fd, key):
 def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w, linger):
     """Runs in the keeper process; never returns."""
     import signal
+    import sys
     code = 0
     st = None
     try:
@@ -283,6 +284,9 @@ def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w, linger):
     finally:
         if st is not None:
             stage.release(st, dir_fd)
+        staging = sys.modules.get("hpcrun.stage")
+        if staging is not None:         # a build that failed after staging: the copy goes too
+            staging.release_all(dir_fd)
         fdio.remove(dir_fd, plan["key"] + ".d", rmdir=True)
         os._exit(code)
 
