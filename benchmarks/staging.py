@@ -77,7 +77,11 @@ def hash_only(img, out):
 
 
 def staged(img, out):
-    stage._copy_payload(img, out)       # read + hash + write, as a keeper does
+    d = os.open(os.path.dirname(out), os.O_RDONLY | os.O_DIRECTORY)
+    try:                                # read + hash + write, as a keeper does
+        stage._copy_payload(img, d, os.path.basename(out)[:-len(".sqfs")], out)
+    finally:
+        os.close(d)
 
 
 def median_ms(fn, img, out, rounds):

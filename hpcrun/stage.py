@@ -246,57 +246,79 @@ def _staged_payload(img, st, run_dir_fd, run_dir):
     staged copy, and each holds LOCK_SH on it for its whole life, so a
     creator must never *wait* for LOCK_EX: it takes LOCK_SH, and only when the
     copy is missing tries a non-blocking upgrade to copy it."""
+    stage_fd = _open_stage_dir(run_dir_fd, run_dir)
     try:
-        os.mkdir("stage", 0o700, dir_fd=run_dir_fd)
-    except FileExistsError:
-        pass
-    name = staged_name(img)
-    path = os.path.join(run_dir, "stage", name + ".sqfs")
-    while True:
-        lock_fd = fdio.lock_current(run_dir_fd, "stage/%s.lock" % name, fcntl.LOCK_SH)
-        if os.path.exists(path):
+        name = staged_name(img)
+        path = os.path.join(run_dir, "stage", name + ".sqfs")
+        while True:
+            lock_fd = fdio.lock_current(stage_fd, name + ".lock", fcntl.LOCK_SH)
+            if _exists(name + ".sqfs", stage_fd):
+                break
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:         # another stager is deciding too: back off
+                os.close(lock_fd)
+                time.sleep(0.005)
+                continue
+            try:
+                if not _exists(name + ".sqfs", stage_fd):
+                    _remove_stale_copies(stage_fd, name)
+                    _copy_payload(img, stage_fd, name, path)
+            except BaseException:
+                # We hold it exclusively: nobody else uses this name now.
+                _unlink_quietly(name + ".lock", stage_fd)
+                os.close(lock_fd)
+                raise
+            fcntl.flock(lock_fd, fcntl.LOCK_SH)
             break
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:         # another stager is deciding too: back off
-            os.close(lock_fd)
-            time.sleep(0.005)
-            continue
-        try:
-            if not os.path.exists(path):
-                _remove_stale_copies(run_dir_fd, name)
-                _copy_payload(img, path)
-        except BaseException:
-            # We hold it exclusively: nobody else uses this name now.
-            _unlink_quietly("stage/%s.lock" % name, run_dir_fd)
-            os.close(lock_fd)
-            raise
-        fcntl.flock(lock_fd, fcntl.LOCK_SH)
-        break
+    finally:
+        os.close(stage_fd)
     st.stage_lock, st.stage_path = lock_fd, path
     _holding.append(st)
     return path
 
 
-def _remove_stale_copies(run_dir_fd, name):
+def _open_stage_dir(run_dir_fd, run_dir):
+    """run_dir/stage, ours and private: never followed through a symlink
+    (a run directory prepared by someone else) nor shared with others."""
+    try:
+        os.mkdir("stage", 0o700, dir_fd=run_dir_fd)
+    except FileExistsError:
+        pass
+    where = os.path.join(run_dir, "stage")
+    try:
+        fd = os.open("stage", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=run_dir_fd)
+    except OSError as e:
+        raise errors.Error(errors.NOPERM, "run directory's stage/ is not a directory of this user (%s)"
+                           % e.strerror, where)
+    st = os.fstat(fd)
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        os.close(fd)
+        raise errors.Error(errors.NOPERM, "run directory's stage/ is not private to this user "
+                           "(owner %d, mode %o)" % (st.st_uid, st.st_mode & 0o7777), where)
+    return fd
+
+
+def _exists(name, dir_fd):
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _remove_stale_copies(stage_fd, name):
     """Half-written copies of stagers that were killed: we hold the lock
     exclusively, so nobody else is copying this payload now."""
-    stage_fd = os.open("stage", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=run_dir_fd)
-    try:
-        for entry in os.listdir(stage_fd):
-            if entry.startswith(name + ".sqfs.") and entry.endswith(".tmp"):
-                try:
-                    os.unlink(entry, dir_fd=stage_fd)
-                except OSError:
-                    pass
-    finally:
-        os.close(stage_fd)
+    for entry in os.listdir(stage_fd):
+        if entry.startswith(name + ".sqfs.") and entry.endswith(".tmp"):
+            _unlink_quietly(entry, stage_fd)
 
 
 COPY_BLOCK = 1 << 22
 
 
-def _copy_payload(img, path):
+def _copy_payload(img, stage_fd, name, path):
     """Copy the payload with read/write, hashing what is written.
 
     Not copy_file_range: that fails with EXDEV when the image lies on another
@@ -307,13 +329,14 @@ def _copy_payload(img, path):
     import hashlib
     from hpcrun import image as image_mod
     claimed = img.get("sha256_claimed")
-    tmp = path + ".%d.tmp" % os.getpid()
+    tmp = "%s.sqfs.%d.tmp" % (name, os.getpid())
     src = dst = None
     try:
         src = os.open(img["path"], os.O_RDONLY | os.O_CLOEXEC)
         if image_mod.identity(img["kind"], os.fstat(src)) != img["ident"]:
             raise errors.Error(errors.DATA, "image changed while its container was being started", img["path"])
-        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                      dir_fd=stage_fd)
         _reserve(dst, img["size"], path)
         digest = hashlib.sha256()
         buf = bytearray(min(COPY_BLOCK, img["size"]))
@@ -335,9 +358,9 @@ def _copy_payload(img, path):
             imagefile.check_digest(img["path"], claimed, digest.hexdigest())
         os.close(dst)
         dst = None
-        os.rename(tmp, path)
+        os.rename(tmp, name + ".sqfs", src_dir_fd=stage_fd, dst_dir_fd=stage_fd)
     except BaseException:
-        _unlink_quietly(tmp)
+        _unlink_quietly(tmp, stage_fd)
         raise
     finally:
         for fd in (src, dst):
