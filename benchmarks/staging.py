@@ -5,10 +5,11 @@ An unprivileged launch of an hpcrun image copies its payload once per node
 into run_dir/stage/ (Debian's squashfuse has no offset option) and checks the
 header's sha256 on the bytes it writes (docs/staging.md).  This measures, for
 an image with MB of incompressible payload, page cache warm:
-  copy_file_range   the in-kernel copy staging used before the check (same file system only)
-  read+write        the same copy through a buffer, no hash
-  read+hash+write   what stage.py does now
-  hash only         sha256 of the payload, no copy
+  copy_file_range      the in-kernel copy staging used before the check (same file system only)
+  read+write           the same copy through a buffer, no hash
+  read+hash+write      the same, hashing each block before writing it (one thread)
+  hash only            sha256 of the payload, no copy
+  stage._copy_payload  what a keeper does: read+write, the hash in a second thread
 and, with --launch, cold launches (`hpcrun IMG true`, no container on the node)
 as the given user, so the copy's share of a launch shows.
 
