@@ -101,14 +101,8 @@ def open_image(path):
         _check_superblock(path, os.pread(fd, 48, img.offset), img.size)
     finally:
         os.close(fd)
-    img.ident = identity(img.kind, st)
+    img.ident = imagefile.identity(img.kind, st)
     return img
-
-
-def identity(kind, st):
-    """What a file is, not what it says: a changed file (ctime moves on every
-    write, chmod or rename over it) is another image."""
-    return "%s:%d:%d:%d:%d:%d" % (kind, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _check_superblock(path, raw, size):

@@ -137,6 +137,12 @@ def check_meta(path, h):
     return meta
 
 
+def identity(kind, st):
+    """What an image file is, not what it says (st: its stat): a changed file
+    (ctime moves on every write, chmod or rename over it) is another image."""
+    return "%s:%d:%d:%d:%d:%d" % (kind, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def check_digest(path, claimed, actual):
     if actual != claimed:
         raise errors.Error(errors.DATA, "image payload does not match its header: sha256 %s..., header claims %s..."

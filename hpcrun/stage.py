@@ -168,9 +168,9 @@ def _check_header(img):
 
 def _check_identity(img):
     """An image mounted in place is the file the plan (and the key) named."""
-    from hpcrun import image as image_mod
+    from hpcrun import imagefile
     try:
-        same = image_mod.identity(img["kind"], os.stat(img["path"])) == img["ident"]
+        same = imagefile.identity(img["kind"], os.stat(img["path"])) == img["ident"]
     except OSError:
         same = False
     if not same:
@@ -370,13 +370,13 @@ def _copy_payload(img, stage_fd, name, path):
     node-local), and the bytes must pass through here to be hashed anyway.
     The file is opened once and must still be the file the plan named (its
     identity is in the key), so what is staged is what was checked."""
-    from hpcrun import image as image_mod
+    from hpcrun import imagefile
     claimed = img.get("sha256_claimed")
     tmp = "%s.sqfs.%d.tmp" % (name, os.getpid())
     src = dst = hasher = None
     try:
         src = os.open(img["path"], os.O_RDONLY | os.O_CLOEXEC)
-        if image_mod.identity(img["kind"], os.fstat(src)) != img["ident"]:
+        if imagefile.identity(img["kind"], os.fstat(src)) != img["ident"]:
             raise errors.Error(errors.DATA, "image changed while its container was being started", img["path"])
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                       dir_fd=stage_fd)
@@ -401,7 +401,6 @@ def _copy_payload(img, stage_fd, name, path):
             off += n
             k ^= 1
         if hasher:
-            from hpcrun import imagefile
             actual, hasher = hasher.finish(), None
             imagefile.check_digest(img["path"], claimed, actual)
         os.close(dst)

@@ -1265,7 +1265,8 @@ def _hpcrun_imports():
 FLOORS = {
     "join": {"errors", "fdio", "node", "rankcalls"},
     "node": {"errors", "fdio", "linux", "stage", "rootfs", "mpi", "gpu", "plan"},
-    "stage": {"errors", "fdio", "linux"},
+    "stage": {"errors", "fdio", "linux", "imagefile"},
+    "imagefile": {"errors"},
     "rootfs": {"errors", "fdio", "linux"},
     "fdio": set(),
     "linux": set(),
