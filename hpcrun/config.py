@@ -33,7 +33,8 @@ DEFAULTS = {
 # (most have a command-line or environment equivalent).  Everything else -
 # binds, host libraries and devices, mount_strategy, any key added later - is
 # site policy, refused from a user's file (fail closed).
-USER_KEYS = frozenset(("linger", "run_dir", "mpi", "mpi_auto_prefer", "nv", "rocm", "writable_layer"))
+USER_KEYS = frozenset(("linger", "keeper_timeout", "run_dir", "mpi", "mpi_auto_prefer", "nv", "rocm",
+                       "writable_layer"))
 # Keys a user's file may only make stricter: forbid_bind adds to the list; a
 # boolean may be switched to "no" only.
 TIGHTEN_ONLY = frozenset(("forbid_bind", "allow_user_binds", "default_binds"))
