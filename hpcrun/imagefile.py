@@ -101,7 +101,7 @@ def read_header(path, fd=None, file_size=None):
         end = head.find(b"\n", nl2 + 1)
         meta = head[nl2 + 1:end] if end > 0 else b""
         if (end < 0 or not meta.startswith(b"{") or not meta.endswith(b"}")
-                or head[end + 1:h.offset].strip(b"\0") or not _printable(meta)):
+                or head[end + 1:h.offset] != bytes(h.offset - end - 1) or not _printable(meta)):
             raise errors.Error(errors.DATA, "corrupt image header: bad metadata line", path)
         if os.pread(fd, 4, h.offset) != SQUASHFS_MAGIC:
             raise errors.Error(errors.DATA, "corrupt image: no SquashFS payload at offset %d"
