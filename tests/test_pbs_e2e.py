@@ -6,7 +6,6 @@ qstat -x -f, tracejob and the jobs' own output files.
 import json
 import os
 import shutil
-import stat
 import subprocess
 import tempfile
 import time
