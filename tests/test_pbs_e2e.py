@@ -6,6 +6,7 @@ qstat -x -f, tracejob and the jobs' own output files.
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -23,9 +24,11 @@ ONLY_IN_IMAGE = "/opt/solver/input.txt"
 
 @pytest.fixture(scope="module")
 def pbs(hpcrun_bin, shared_dir):
-    with open(testbed.HOSTS) as f:
-        hosts_before = f.read()
     site = testbed.start()
+    with open(testbed.HOSTS_SAVED) as f:      # the original, a crashed run's change undone
+        hosts_before = f.read()
+    # PBS refuses a host name that resolves only to loopback: for the run it is this machine's address
+    assert socket.gethostbyname(site.host) == testbed.host_address()
     site.config_dir = tempfile.mkdtemp(prefix="pbs-config-", dir=shared_dir)
     site.hpcrun_bin = hpcrun_bin
     try:
