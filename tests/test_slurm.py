@@ -350,7 +350,8 @@ class ImageFS:
 
 @pytest.fixture(scope="session")
 def image_fs(shared_dir, busybox_root, job_user):
-    """Plain SquashFS images (the path handling is under test, not staging)."""
+    """*.img are hpcrun single-file images (staged across file systems on an
+    unprivileged launch), *.sqfs plain SquashFS."""
     mnt = tempfile.mkdtemp(prefix="hpcrun-slurm-imgfs-")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", mnt], check=True)
     try:
@@ -363,7 +364,10 @@ def image_fs(shared_dir, busybox_root, job_user):
             with open(os.path.join(root, "etc", "image-name"), "w") as f:
                 f.write(case + "\n")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            imagetools.mksquashfs(root, path)
+            if path.endswith(".sqfs"):
+                imagetools.mksquashfs(root, path)
+            else:
+                imagetools.make_image(root, path)
         for link, target in SYMLINKS.values():
             os.symlink(target or fs.top, os.path.join(fs.project, link))
         # Data for --container-mounts and --container-workdir.
@@ -385,8 +389,9 @@ def image_fs(shared_dir, busybox_root, job_user):
 @pytest.mark.parametrize("case", CASES)
 def test_srun_image_paths(run, image_fs, option, case):
     path, name = image_fs.case(case)
-    r = run(["srun", "-N1", "-n1", "%s=%s" % (option, path), "cat", "/etc/image-name"], cwd=image_fs.project)
-    assert (r.returncode, r.stdout.strip()) == (0, name), r.stderr
+    shape = ["-N2", "-n4"] if case == "absolute" else ["-N1", "-n1"]   # issue 18's own example: -N2 -n4
+    r = run(["srun"] + shape + ["%s=%s" % (option, path), "cat", "/etc/image-name"], cwd=image_fs.project)
+    assert (r.returncode, r.stdout.split()) == (0, [name] * int(shape[1][2:])), r.stderr
 
 
 def test_sbatch_image_paths(cluster, run, image_fs):
