@@ -8,6 +8,7 @@ in the environment:
     HPCRUN_TASK_ARGV0   the task's original argv[0] (its presence selects task mode)
     HPCRUN_TASK_IMAGE   image path (relative: to the task's cwd, then SLURM_SUBMIT_DIR)
     HPCRUN_TASK_IMAGE_FROM  where the plugin found it: --container-image, HPCRUN_IMAGE, --container
+                        (named when the image is empty or missing)
     HPCRUN_TASK_BIND    comma list of SRC[:DST[:ro|rw]]  (--container-mounts, plugstack mounts=);
                         a relative SRC is the task's cwd's
     HPCRUN_TASK_PWD     working directory inside the image (--container-workdir; relative: the task's cwd's)
@@ -23,7 +24,7 @@ itself for a task entry), and go down the normal launch path.
 import os
 import sys
 
-from hpcrun.errors import Error, USAGE
+from hpcrun.errors import Error, NOINPUT, USAGE
 
 TASK_VARS = ("HPCRUN_TASK_ARGV0", "HPCRUN_TASK_IMAGE", "HPCRUN_TASK_IMAGE_FROM", "HPCRUN_TASK_BIND",
              "HPCRUN_TASK_PWD", "HPCRUN_TASK_ENV", "HPCRUN_TASK_BATCH")
@@ -88,7 +89,18 @@ def launch_argv(args, environ, cwd):
             opts += ["--env", item]
         elif item in environ:
             opts += ["--env", "%s=%s" % (item, environ[item])]
-    return opts + [resolve_image(image, environ, cwd), argv0] + list(args)
+    path = resolve_image(image, environ, cwd)
+    if source:
+        # The launcher would say "image not found (path)"; say where the path came
+        # from too, as the cli_filter does (a stale HPCRUN_IMAGE is not --container).
+        # Other failures (unreadable, not an image) stay the launcher's to report.
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            raise Error(NOINPUT, "image not found", "%s, from %s" % (path, source)) from None
+        except OSError:
+            pass
+    return opts + [path, argv0] + list(args)
 
 
 def main(argv):

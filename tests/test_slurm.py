@@ -241,7 +241,7 @@ def test_bad_image_without_cli_filter_fails_the_task_clearly(run, jobdir):
     # HPCRUN_IMAGE bypasses the cli_filter: the task itself must fail, with hpcrun's code.
     r = run(["srun", "-N2", "-n2", "true"], env={"HPCRUN_IMAGE": "gone.img"})
     assert r.returncode == 66, r.stdout + r.stderr     # errors.NOINPUT
-    assert "hpcrun: error:" in r.stderr and os.path.join(jobdir, "gone.img") in r.stderr
+    assert "hpcrun: error: image not found (%s, from HPCRUN_IMAGE)" % os.path.join(jobdir, "gone.img") in r.stderr
 
 
 def test_exit_codes_reach_srun_and_the_job(cluster, run, as_job_user, jobdir):

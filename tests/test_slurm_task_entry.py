@@ -79,3 +79,15 @@ def test_relative_mount_sources_and_workdir_are_the_tasks_cwds():
     argv = cmd_task_entry.launch_argv([], env, "/home/u/run 1")
     assert argv[:8] == ["--bind", "/home/u/run 1/my data:/d:ro", "--bind", "/home/u/run 1/sub/x",
                         "--bind", "/abs", "--pwd", "/home/u/run 1/w dir/ü"]
+
+
+def test_missing_image_names_its_source(tmp_path):
+    env = dict(HANDSHAKE, HPCRUN_TASK_IMAGE="gone.img", HPCRUN_TASK_IMAGE_FROM="HPCRUN_IMAGE")
+    with pytest.raises(errors.Error) as e:
+        cmd_task_entry.launch_argv([], env, str(tmp_path))
+    assert (e.value.code, e.value.line()) == (
+        errors.NOINPUT, "hpcrun: error: image not found (%s, from HPCRUN_IMAGE)" % (tmp_path / "gone.img"))
+    (tmp_path / "dangling.img").symlink_to("nowhere")
+    env["HPCRUN_TASK_IMAGE"] = "dangling.img"
+    with pytest.raises(errors.Error, match="image not found"):
+        cmd_task_entry.launch_argv([], env, str(tmp_path))
