@@ -535,26 +535,14 @@ def test_from_rootfs_with_fifo_as_user(hpcrun_bin, as_user, busybox_root, shared
     assert "/dev/console" not in listing and "/dev/fifo" in listing and "/bin/busybox" in listing
 
 
-def test_from_docker_layer_symlink_does_not_escape(hpcrun_bin, work, tmp_path):
-    """A layer with `evil -> HOSTDIR`, then `evil/` (mode 0777) and `evil/planted`:
-    the host directory is neither chmod'ed nor written; a char device member is
-    recreated as root, never read."""
-    host_dir = os.path.join(work, "host-victim")
-    os.makedirs(host_dir)
-    os.chmod(host_dir, 0o755)
-    with open("/bin/busybox", "rb") as f:
-        bb = f.read()
+def _docker_archive(path, entries):
+    """A one-layer `docker save` archive; entries: (name, tar type, bytes | link target | None)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as t:
-        for name, kind, extra in (("bin", tarfile.DIRTYPE, None), ("bin/busybox", tarfile.REGTYPE, bb),
-                                  ("bin/sh", tarfile.SYMTYPE, "busybox"), ("evil", tarfile.SYMTYPE, host_dir),
-                                  ("evil", tarfile.DIRTYPE, None), ("evil/planted", tarfile.REGTYPE, b"x\n"),
-                                  ("link", tarfile.SYMTYPE, host_dir + "/target"),
-                                  ("hard", tarfile.LNKTYPE, "link"), ("dev", tarfile.DIRTYPE, None),
-                                  ("dev/full", tarfile.CHRTYPE, None)):
+        for name, kind, extra in entries:
             ti = tarfile.TarInfo(name)
             ti.type, ti.mode, ti.mtime = kind, 0o777 if kind == tarfile.DIRTYPE else 0o755, 1500040000
-            if kind == tarfile.SYMTYPE or kind == tarfile.LNKTYPE:
+            if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
                 ti.linkname = extra
             if kind == tarfile.CHRTYPE:
                 ti.devmajor, ti.devminor = 1, 7
@@ -564,7 +552,6 @@ def test_from_docker_layer_symlink_does_not_escape(hpcrun_bin, work, tmp_path):
             else:
                 t.addfile(ti)
     layer = buf.getvalue()
-    path = os.path.join(work, "evil.tar")
     config = json.dumps({"config": {"Cmd": ["/bin/sh"]}}).encode()
     with tarfile.open(path, "w") as t:
         for name, data in (("l/layer.tar", layer), ("config.json", config),
@@ -573,6 +560,42 @@ def test_from_docker_layer_symlink_does_not_escape(hpcrun_bin, work, tmp_path):
             ti = tarfile.TarInfo(name)
             ti.size = len(data)
             t.addfile(ti, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([("../escape", tarfile.REGTYPE, b"x\n")], "member '../escape' is outside the root"),
+    ([("etc", tarfile.DIRTYPE, None), ("etc/h", tarfile.LNKTYPE, "../../etc/passwd")], "hard link etc/h"),
+    ([("h", tarfile.LNKTYPE, "missing")], "hard link h to 'missing'"),
+])
+def test_from_corrupt_layer(hpcrun_bin, work, tmp_path, entries, message):
+    """A member outside the root or a hard link to no file of the layers: one line, 65, nothing written."""
+    path = _docker_archive(str(tmp_path / "bad.tar"), entries)
+    out = str(tmp_path / "bad.img")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = run([hpcrun_bin, "build", out, "--from", path], env=dict(os.environ, TMPDIR=str(tmp)))
+    assert r.returncode == 65, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpcrun: error: corrupt archive") and message in lines[0], r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["bad.tar", "tmp"] and os.listdir(tmp) == []
+    assert not os.path.exists(os.path.join(os.path.dirname(work), "escape"))
+
+
+def test_from_docker_layer_symlink_does_not_escape(hpcrun_bin, work, tmp_path):
+    """A layer with `evil -> HOSTDIR`, then `evil/` (mode 0777) and `evil/planted`:
+    the host directory is neither chmod'ed nor written; a char device member is
+    recreated as root, never read."""
+    host_dir = os.path.join(work, "host-victim")
+    os.makedirs(host_dir)
+    os.chmod(host_dir, 0o755)
+    with open("/bin/busybox", "rb") as f:
+        bb = f.read()
+    path = _docker_archive(os.path.join(work, "evil.tar"), [
+        ("bin", tarfile.DIRTYPE, None), ("bin/busybox", tarfile.REGTYPE, bb), ("bin/sh", tarfile.SYMTYPE, "busybox"),
+        ("evil", tarfile.SYMTYPE, host_dir), ("evil", tarfile.DIRTYPE, None), ("evil/planted", tarfile.REGTYPE, b"x\n"),
+        ("link", tarfile.SYMTYPE, host_dir + "/target"), ("hard", tarfile.LNKTYPE, "link"),
+        ("dev", tarfile.DIRTYPE, None), ("dev/full", tarfile.CHRTYPE, None)])
     out = os.path.join(work, "evil.img")
     r = run([hpcrun_bin, "build", out, "--from", path], env=dict(os.environ, TMPDIR=str(tmp_path)))
     assert r.returncode == 0, r.stderr

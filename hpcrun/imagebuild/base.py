@@ -111,7 +111,7 @@ def _copy_dir(src, tree):
                         raise
                     shutil.copy2(path, dst)
             else:
-                tree.special(path, ipath, st, "base %s" % src)
+                tree.special(ipath, st.st_mode, st.st_rdev, st.st_mtime_ns, "base %s" % src)
     for dst, st in reversed(dirs_done):        # deepest first: a read-only directory is filled before it closes
         os.chmod(dst, stat.S_IMODE(st.st_mode) | 0o700)
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -249,8 +249,10 @@ def _apply_layer(fileobj, tree, what):
     with tarfile.open(fileobj=fileobj, mode="r|*") as layer:
         for m in layer:
             name = os.path.normpath(m.name.lstrip("/"))
-            if name in (".", "") or name.startswith("../"):
+            if name in (".", ""):
                 continue
+            if name == ".." or name.startswith("../"):
+                raise errors.Error(errors.DATA, "corrupt archive: member %r is outside the root" % m.name, what)
             parent, base = os.path.split(name)
             if base == OPAQUE:
                 d = inside(root, "/" + parent, follow_last=True)
@@ -262,14 +264,14 @@ def _apply_layer(fileobj, tree, what):
                 continue
             if tree.excluded("/" + name):
                 continue
-            _extract(layer, m, tree, "/" + name, dirs)
+            _extract(layer, m, tree, "/" + name, dirs, what)
     for dst, (mode, mtime) in sorted(dirs.items(), reverse=True):
         if os.path.isdir(dst) and not os.path.islink(dst):
             os.chmod(dst, mode)
             os.utime(dst, (mtime, mtime))
 
 
-def _extract(layer, m, tree, ipath, dirs):
+def _extract(layer, m, tree, ipath, dirs, what):
     root = tree.root
     # The last component is not followed: a symlink an earlier member planted
     # there is replaced, never written or chmod'ed through.
@@ -287,9 +289,12 @@ def _extract(layer, m, tree, ipath, dirs):
         os.symlink(m.linkname, dst)
         os.utime(dst, (m.mtime, m.mtime), follow_symlinks=False)
     elif m.islnk():
-        target = inside(root, "/" + os.path.normpath(m.linkname.lstrip("/")))
-        if os.path.lexists(target) and not os.path.isdir(target):
-            os.link(target, dst, follow_symlinks=False)       # a link to a symlink stays one
+        target = os.path.normpath(m.linkname.lstrip("/"))
+        target_path = None if target.startswith("../") else inside(root, "/" + target)
+        if not target_path or not os.path.lexists(target_path) or os.path.isdir(target_path):
+            raise errors.Error(errors.DATA, "corrupt archive: hard link %s to %r, not a file of the layers"
+                               % (m.name, m.linkname), what)
+        os.link(target_path, dst, follow_symlinks=False)       # a link to a symlink stays one
     elif m.isfile():
         src = layer.extractfile(m)
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -299,15 +304,8 @@ def _extract(layer, m, tree, ipath, dirs):
         os.utime(dst, (m.mtime, m.mtime))
     elif m.ischr() or m.isblk() or m.isfifo():
         kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
-        st = os.stat_result((kind | (m.mode & 0o7777), 0, 0, 1, 0, 0, 0, m.mtime, m.mtime, m.mtime))
-        tree.special(None, ipath, _Special(st, os.makedev(m.devmajor, m.devminor)), "layer member")
-
-
-class _Special:
-    """The stat fields Tree.special() reads, for a tar member."""
-    def __init__(self, st, rdev):
-        self.st_mode, self.st_rdev = st.st_mode, rdev
-        self.st_atime_ns = self.st_mtime_ns = int(st.st_mtime) * 10**9
+        tree.special(ipath, kind | (m.mode & 0o7777), os.makedev(m.devmajor, m.devminor), int(m.mtime) * 10**9,
+                     "layer member")
 
 
 def _remove(path):

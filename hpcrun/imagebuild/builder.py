@@ -181,7 +181,7 @@ class Build:
                     if stat.S_ISREG(st.st_mode):
                         self.tree.add(path, why, ipath)
                     else:
-                        self.tree.special(path, ipath, st, why)
+                        self.tree.special(ipath, st.st_mode, st.st_rdev, st.st_mtime_ns, why)
                 for name in dirs:
                     self.tree.mkdir(os.path.normpath(os.path.join(dst, rel, name)), why)
         else:

@@ -75,11 +75,11 @@ class Tree:
                 if stat.S_ISLNK(st.st_mode) or stat.S_ISREG(st.st_mode):
                     self.add(path, why)
                 else:
-                    self.special(path, self.image_path(path), st, why)
+                    self.special(self.image_path(path), st.st_mode, st.st_rdev, st.st_mtime_ns, why)
             for d in dirs:
                 self.mkdir(self.image_path(os.path.join(top, d)), why)
 
-    def special(self, host_path, image_path, st, why):
+    def special(self, image_path, mode, rdev, mtime_ns, why):
         """A device node, FIFO or socket: recreated (as root, where mknod works),
         otherwise left out and listed in the build's one note.  Never opened."""
         if self.excluded(image_path):
@@ -90,10 +90,10 @@ class Tree:
         dst = inside(self.root, image_path)
         _unlink(dst)
         try:
-            os.mknod(dst, st.st_mode, st.st_rdev)
+            os.mknod(dst, mode, rdev)
         except OSError:
             return
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        os.utime(dst, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
         self.specials.pop()
         self._note(image_path, why)
 
