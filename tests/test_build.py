@@ -382,6 +382,29 @@ def test_python_dynamic_imports_and_valid_pyc(hpcrun_bin, py_script):
     assert "/test/" not in listing and "idlelib" not in listing and "/config-3" not in listing   # no test suites
 
 
+def test_python_build_as_user(hpcrun_bin, as_user, shared_dir):
+    """Unprivileged, host files are copied, not hard-linked (protected_hardlinks):
+    the copies keep their mtimes, so the image's .pyc files stay valid."""
+    d = os.path.join(shared_dir, "py-user")
+    os.makedirs(d)
+    os.chmod(d, 0o777)
+    script = os.path.join(d, "u.py")
+    with open(script, "w") as f:
+        f.write("#!/usr/bin/python3\nimport sysconfig\nsysconfig.get_config_vars()\n"
+                "cp = __import__('config' + 'parser')\n" + PYC_CHECK
+                + "print(cp.__name__, json.dumps({'fresh': fresh, 'stale': stale}))\n")
+    os.chmod(script, 0o755)
+    img = os.path.join(d, "u.img")
+    r = as_user([hpcrun_bin, "build", img, script], env={"TMPDIR": d})
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(d)) == ["u.img", "u.py"]                    # no staging left behind
+    r = as_user([hpcrun_bin, "--cleanenv", img, "/app/u.py"])
+    assert r.returncode == 0, r.stderr
+    name, counts = r.stdout.split(" ", 1)
+    counts = json.loads(counts)
+    assert name == "configparser" and counts["stale"] == 0 and counts["fresh"] > 20, r.stdout
+
+
 MPI4PY_CACHE = os.environ.get("HPCRUN_TEST_CACHE", "/var/tmp/hpcrun-test-cache")
 
 
