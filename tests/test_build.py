@@ -277,7 +277,7 @@ def test_from_image_spec_adds_program(hpcrun_bin, busybox_image, c_prog, work):
     ("From: ./truncated.tar\n", 65, "truncated or corrupt archive"),
     ("./prog\n%exclude\nlib/*.so\n", 65, "an %exclude glob matches image paths"),
 ])
-def test_bad_spec(hpcrun_bin, c_prog, spec_text, code, message):
+def test_bad_spec(hpcrun_bin, c_prog, tmp_path, spec_text, code, message):
     if not os.path.exists(os.path.join(c_prog, "needs-missing")):
         subprocess.run(["gcc", "-shared", "-fPIC", "-o", "libmissing.so.7", "-Wl,-soname,libmissing.so.7",
                         "greet.c"], cwd=c_prog, check=True)
@@ -291,8 +291,9 @@ def test_bad_spec(hpcrun_bin, c_prog, spec_text, code, message):
     with open(spec, "w") as f:
         f.write(spec_text)
     out = os.path.join(c_prog, "bad.img")
-    r = run([hpcrun_bin, "build", out, spec])
+    r = run([hpcrun_bin, "build", out, spec], env=dict(os.environ, TMPDIR=str(tmp_path)))
     assert r.returncode == code, r.stderr
+    assert os.listdir(tmp_path) == []                                  # no staging left behind
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hpcrun: error: ") and message in lines[0], r.stderr
     assert not os.path.exists(out)
@@ -633,7 +634,7 @@ def test_from_docker_layer_symlink_does_not_escape(hpcrun_bin, work, tmp_path):
 
 
 @pytest.mark.parametrize("what", ["spec-lists-fifo", "spec-is-fifo", "from-fifo"])
-def test_fifo_sources_refused_not_read(hpcrun_bin, work, what):
+def test_fifo_sources_refused_not_read(hpcrun_bin, work, tmp_path, what):
     """A FIFO named as a spec, in a spec or as a base is refused at once (one line,
     65), never opened (which would block)."""
     d = os.path.join(work, "fifo-" + what)
@@ -645,8 +646,9 @@ def test_fifo_sources_refused_not_read(hpcrun_bin, work, what):
         f.write("./pipe\n")
     args = {"spec-lists-fifo": [spec], "spec-is-fifo": [fifo], "from-fifo": ["--from", fifo]}[what]
     out = os.path.join(d, "x.img")
-    r = run([hpcrun_bin, "build", out] + args, timeout=60)
+    r = run([hpcrun_bin, "build", out] + args, timeout=60, env=dict(os.environ, TMPDIR=str(tmp_path)))
     assert r.returncode == 65, r.stderr
+    assert os.listdir(tmp_path) == []
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hpcrun: error: ") and "not a regular file" in lines[0], r.stderr
     assert sorted(os.listdir(d)) == ["pipe", "spec"]
