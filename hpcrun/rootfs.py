@@ -199,25 +199,37 @@ def open_in_root(root_fd, path, flags=os.O_PATH):
             if e.errno == errno.EAGAIN:
                 continue          # a mount or rename somewhere raced a ".." step: the kernel asks to retry
             if e.errno == errno.ENOSYS:
-                return _walk(root_fd, path, flags)
+                return _walked(root_fd, path, flags)
             if e.errno == errno.ELOOP:
                 break             # a magic link or a loop: the walk tells which
             _refuse(e, path)
-            raise
     else:
-        return _walk(root_fd, path, flags)     # mounts kept racing: the walk needs no retries
-    os.close(_walk(root_fd, path, flags))
+        return _walked(root_fd, path, flags)   # mounts kept racing: the walk needs no retries
+    os.close(_walked(root_fd, path, flags))
     _refuse(OSError(errno.EXDEV, "openat2 refused what the walk allowed"), path)
 
 
+def _walked(root_fd, path, flags):
+    try:
+        return _walk(root_fd, path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        _refuse(e, path)
+
+
 def _refuse(e, path):
-    """Turn a resolution error into the user's error; return for other errors."""
+    """The user's error for a resolution that failed; FileNotFoundError stays
+    itself (a missing path is not an error everywhere)."""
+    if isinstance(e, FileNotFoundError):
+        raise e
     if e.errno == errno.ELOOP:
         raise errors.Error(errors.USAGE, "too many symbolic links in the image resolving", path)
     if e.errno == errno.EXDEV:
         raise errors.Error(errors.NOPERM, "path in the image leads out of it (through a /proc magic link)", path)
     if e.errno == errno.ENOTDIR:
         raise errors.Error(errors.USAGE, "path passes through a non-directory in the image", path)
+    raise errors.Error(errors.USAGE, "path in the image cannot be resolved (%s)" % os.strerror(e.errno), path)
 
 
 def _walk(root_fd, path, flags):

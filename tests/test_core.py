@@ -1356,6 +1356,26 @@ def test_magic_link_in_the_image_leads_nowhere(caller, core_dir, busybox_root, w
     assert_nothing_left(caller, img, key)
 
 
+def test_link_through_another_process_root_is_refused(caller, core_dir, busybox_root):
+    # /home -> /proc/1/root/home: init's root, unreadable for the user (EACCES
+    # while resolving $HOME's bind): one line, nothing made.  Root's $HOME is
+    # /root, not under the link: its launch just works.
+    def edit(root):
+        shutil.rmtree(os.path.join(root, "home"))
+        os.symlink("/proc/1/root/home", os.path.join(root, "home"))
+    d, img = hostile_image(caller, core_dir, busybox_root, "init-root", edit)
+    watched = planted("/home", caller.name) + planted(caller.home, caller.name)
+    before = host_state(watched)
+    key = _key(caller, img, cwd="/")
+    r = caller.hpcrun(img, "true", cwd="/", env={"HPCRUN_LINGER": "0"})
+    if caller.is_me:
+        assert r.returncode == 0, r.stderr
+    else:
+        assert_one_error(r, errors.USAGE, "path in the image cannot be resolved")
+    assert host_state(watched) == before
+    assert_nothing_left(caller, img, key)
+
+
 def test_bind_onto_a_magic_link_is_refused(caller, core_dir, core_image):
     # -B DIR:/proc/self/root would be DIR over the container's root, and the
     # generated /etc/passwd and /etc/group would then be made in DIR.
