@@ -80,16 +80,48 @@ def user_cmd(user, argv):
 @pytest.fixture(scope="session")
 def as_user(test_user):
     """run(argv, **kw) as the unprivileged user, from its home, with a sane env."""
-    def run(argv, env=None, cwd=None, **kw):
+    def run(argv, env=None, cwd=None, prefix=(), **kw):
         e = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": test_user.pw_dir,
              "USER": test_user.pw_name, "LOGNAME": test_user.pw_name, "LANG": "C.UTF-8"}
         e.update(env or {})
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
         kw.setdefault("timeout", 120)
-        return subprocess.run(user_cmd(test_user, ["env"] + ["%s=%s" % kv for kv in e.items()] + list(argv)),
-                              cwd=cwd or test_user.pw_dir, **kw)
+        argv = user_cmd(test_user, ["env"] + ["%s=%s" % kv for kv in e.items()] + list(argv))
+        return subprocess.run(list(prefix) + argv, cwd=cwd or test_user.pw_dir, **kw)
     return run
+
+
+@pytest.fixture(scope="session")
+def site_config(shared_dir):
+    """site_config(text) -> an argv prefix that runs a command as if the site's
+    /etc/hpcrun/hpcrun.conf held `text` (and returns the file's path as
+    .path on the list, to change it later).
+
+    A user's HPCRUN_CONF can only add restrictions (docs/config.md), so site
+    settings for the unprivileged test user (site policy, GPU or MPI wiring)
+    must come from the site's own file.  The command runs in a private mount
+    namespace where an overlay on /etc holds hpcrun/hpcrun.conf: nothing on
+    the host's /etc changes, and no other launch sees it."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to stand in for the site's /etc/hpcrun")
+
+    class Prefix(list):
+        path = None
+
+    def make(text):
+        base = tempfile.mkdtemp(prefix="site-", dir=shared_dir)
+        os.makedirs(os.path.join(base, "upper", "hpcrun"))
+        os.mkdir(os.path.join(base, "work"))
+        prefix = Prefix(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                         'mount -t overlay hpcrun-site -o "lowerdir=/etc,upperdir=$0/upper,workdir=$0/work" /etc'
+                         ' && exec "$@"', base])
+        prefix.path = os.path.join(base, "upper", "hpcrun", "hpcrun.conf")
+        with open(prefix.path, "w") as f:
+            f.write(text)
+        os.chmod(prefix.path, 0o644)
+        return prefix
+    return make
 
 
 @pytest.fixture(scope="session")

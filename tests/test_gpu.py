@@ -207,7 +207,7 @@ def _site_conf(path, values):
 
 
 @pytest.mark.parametrize("who", ["root", "user"])
-def test_nv_inside_a_real_image(who, driver, gpu_image, hpcrun_bin, as_user, shared_dir):
+def test_nv_inside_a_real_image(who, driver, gpu_image, hpcrun_bin, as_user, shared_dir, request):
     conf = _site_conf(os.path.join(shared_dir, "gpu-nv.conf"), driver)
     # tools and device nodes are bound at their host paths (/usr/bin/nvidia-smi, /dev/nvidia0 on a real node)
     dev = os.path.join(driver["dir"], "dev")
@@ -218,7 +218,11 @@ def test_nv_inside_a_real_image(who, driver, gpu_image, hpcrun_bin, as_user, sha
     if who == "root":
         r = subprocess.run(argv, env=dict(os.environ, **env), capture_output=True, text=True, timeout=120, cwd="/")
     else:
-        r = as_user(["env"] + ["%s=%s" % kv for kv in env.items()] + argv, cwd="/")
+        # GPU wiring is site configuration: a user's HPCRUN_CONF cannot set it
+        with open(conf) as f:
+            site = request.getfixturevalue("site_config")(f.read())
+        del env["HPCRUN_CONF"]
+        r = as_user(["env"] + ["%s=%s" % kv for kv in env.items()] + argv, cwd="/", prefix=site)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     # the host's driver wins over the image's stale copy: its directory comes first on the path

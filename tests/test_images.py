@@ -474,31 +474,15 @@ def test_run_dir_without_room_for_the_payload(caller, images_dir, busybox_root, 
 # ========================================================== 6. site policy ===
 
 @pytest.fixture(scope="module")
-def site(images_dir):
-    """A site configuration at /etc/hpcrun, seen only by the commands run
-    through `site["prefix"]`: a private mount namespace with the test's
-    directory bound on /etc/hpcrun (created for the test if missing, then
-    removed), so no other launch on this host sees it."""
-    if os.getuid() != 0:
-        pytest.skip("needs root to stand in for the site's /etc/hpcrun")
+def site(images_dir, site_config):
+    """A site configuration (conftest's site_config: /etc/hpcrun in a private
+    mount namespace) forbidding one directory."""
     forbidden = tempfile.mkdtemp(prefix="forbidden-", dir=images_dir)
     os.chmod(forbidden, 0o755)
     allowed = tempfile.mkdtemp(prefix="allowed-", dir=images_dir)
     os.chmod(allowed, 0o755)
-    etc = tempfile.mkdtemp(prefix="etc-hpcrun-", dir=images_dir)
-    os.chmod(etc, 0o755)
-    write(os.path.join(etc, "hpcrun.conf"), "forbid_bind = %s\nallow_user_binds = yes\ndefault_binds = yes\n"
-          % forbidden)
-    made = not os.path.exists("/etc/hpcrun")
-    if made:
-        os.mkdir("/etc/hpcrun", 0o755)
-    prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-              'mount --bind "$0" /etc/hpcrun && exec "$@"', etc]
-    try:
-        yield {"prefix": prefix, "forbidden": forbidden, "allowed": allowed, "etc": etc}
-    finally:
-        if made:
-            os.rmdir("/etc/hpcrun")
+    prefix = site_config("forbid_bind = %s\nallow_user_binds = yes\ndefault_binds = yes\n" % forbidden)
+    return {"prefix": prefix, "forbidden": forbidden, "allowed": allowed, "conf": prefix.path}
 
 
 def test_site_policy_applies(user_caller, site, busybox_image):
@@ -529,13 +513,13 @@ def test_users_hpcrun_conf_cannot_loosen_the_site(user_caller, site, busybox_ima
 ])
 def test_users_hpcrun_conf_cannot_set_policy(user_caller, site, busybox_image, images_dir, text, fragment):
     c = user_caller
-    write(os.path.join(site["etc"], "hpcrun.conf"), "forbid_bind = %s\nallow_user_binds = no\n" % site["forbidden"])
+    write(site["conf"], "forbid_bind = %s\nallow_user_binds = no\n" % site["forbidden"])
     try:
         conf = write(os.path.join(images_dir, "policy-%d-%d.conf" % (os.getpid(), abs(hash(text)))), text)
         r = c.hpcrun(busybox_image, "true", env={"HPCRUN_CONF": conf}, prefix=site["prefix"])
         assert_one_error(r, errors.CONFIG, fragment, conf)
     finally:
-        write(os.path.join(site["etc"], "hpcrun.conf"), "forbid_bind = %s\n" % site["forbidden"])
+        write(site["conf"], "forbid_bind = %s\n" % site["forbidden"])
 
 
 def test_users_hpcrun_conf_can_restrict_and_choose(user_caller, site, busybox_image, images_dir):
