@@ -170,15 +170,16 @@ class Case:
         self.watched[path] = _tree(path)
 
     # -- running
-    def argv(self, args, env=None, pw=None):
-        return argv_as(pw or self.pw, [self.hpcrun_bin] + list(args), env)
+    def argv(self, args, env=None, pw=None, prefix=()):
+        """prefix: conftest's site_config(), a site's hpcrun.conf for this command only."""
+        return list(prefix) + argv_as(pw or self.pw, [self.hpcrun_bin] + list(args), env)
 
-    def hpcrun(self, *args, env=None, cwd="/", timeout=TIMEOUT, pw=None, key=True, input=None):
+    def hpcrun(self, *args, env=None, cwd="/", timeout=TIMEOUT, pw=None, key=True, input=None, prefix=()):
         args = list(args)
         if key:
-            self.learn_key(args, env, cwd, pw)
+            self.learn_key(args, env, cwd, pw, prefix)
         try:
-            return subprocess.run(self.argv(args, env, pw), cwd=cwd, capture_output=True, timeout=timeout,
+            return subprocess.run(self.argv(args, env, pw, prefix), cwd=cwd, capture_output=True, timeout=timeout,
                                   input=input, stdin=None if input is not None else subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             pytest.fail("hpcrun hung (no answer in %d s): %s" % (timeout, args))
@@ -191,13 +192,13 @@ class Case:
         self.pids.append(p)
         return p
 
-    def learn_key(self, args, env, cwd, pw):
+    def learn_key(self, args, env, cwd, pw, prefix=()):
         """The container key this launch would use (from --dry-run), so the
         leak check can look for run-directory entries named after it."""
         args = [a for a in args]
         at = 1 if args and args[0] in ("run", "exec", "shell") else 0
         try:
-            r = subprocess.run(self.argv(args[:at] + ["--dry-run"] + args[at:], env, pw), cwd=cwd,
+            r = subprocess.run(self.argv(args[:at] + ["--dry-run"] + args[at:], env, pw, prefix), cwd=cwd,
                                capture_output=True, timeout=15, stdin=subprocess.DEVNULL)
             if r.returncode == 0:
                 self.keys.add(json.loads(r.stdout)["key"])
@@ -819,34 +820,17 @@ def test_namespace_capabilities_cannot_change_later_ranks(case, tools, op):
 # ===================================================== F. site policy ===
 
 @pytest.fixture
-def site_forbids(case):
-    """A site drop-in (/etc/hpcrun/hpcrun.conf.d/) forbidding a directory of
-    this case's.  Removed again, with any directory it had to create."""
+def site_forbids(case, site_config):
+    """(the site's argv prefix, a directory of this case's that the site's
+    /etc/hpcrun/hpcrun.conf forbids); the host's /etc is not touched."""
     secret = user_src(case, "secret")
-    made = []
-    for d in ("/etc/hpcrun", "/etc/hpcrun/hpcrun.conf.d"):
-        if not os.path.isdir(d):
-            os.mkdir(d, 0o755)
-            made.append(d)
-    conf = "/etc/hpcrun/hpcrun.conf.d/zz-hostile-%s.conf" % uuid.uuid4().hex[:8]
-    with open(conf, "w") as f:
-        f.write("forbid_bind = %s\n" % secret)
-    os.chmod(conf, 0o644)
-    case.sentinels = case._sentinels()
-    try:
-        yield secret
-    finally:
-        os.unlink(conf)
-        for d in reversed(made):
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
+    return site_config("forbid_bind = %s\n" % secret), secret
 
 
 def test_site_forbid_holds(case, site_forbids):
+    site, secret = site_forbids
     img = case.image(case.root())
-    r = case.hpcrun("-B", "%s:/f" % site_forbids, img, "cat", "/f/f")
+    r = case.hpcrun("-B", "%s:/f" % secret, img, "cat", "/f/f", prefix=site)
     assert_error(r, errors.NOPERM)
     case.assert_clean()
 
@@ -867,8 +851,9 @@ LOOSE_CONFS = [("os-release", lambda c: "/usr/lib/os-release"),
 @pytest.mark.parametrize("name,conf", LOOSE_CONFS, ids=[c[0] for c in LOOSE_CONFS])
 def test_hpcrun_conf_cannot_loosen_site_policy(case, site_forbids, name, conf):
     # Issue 11 item 5: any root-owned, non-writable file counted as the config.
+    site, secret = site_forbids
     img = case.image(case.root())
-    r = case.hpcrun("-B", "%s:/f" % site_forbids, img, "cat", "/f/f", env={"HPCRUN_CONF": conf(case)})
+    r = case.hpcrun("-B", "%s:/f" % secret, img, "cat", "/f/f", env={"HPCRUN_CONF": conf(case)}, prefix=site)
     assert b"from-the-bind" not in r.stdout
     assert_error(r, (errors.NOPERM, errors.CONFIG))
     case.assert_clean()
