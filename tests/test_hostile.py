@@ -782,7 +782,7 @@ def test_program_cannot_remount_ro_bind_from_own_userns(case):
     env = {"HPCRUN_LINGER": "3"}
     bind = "%s:/data:ro" % src
     attack = ("unshare -Urm sh -c 'mount -o remount,rw,bind /data 2>/dev/null && touch /data/x 2>/dev/null "
-              "&& echo wrote; umount /data 2>/dev/null && echo unmounted'; "
+              "&& echo wrote; umount /data 2>/dev/null && echo unmounted; mount -t tmpfs t /data 2>/dev/null'; "
               "mount -o remount,rw,bind /data 2>/dev/null && echo remounted; echo end")
     r1 = case.hpcrun("-B", bind, img, "sh", "-c", attack, env=env)
     assert_ok(r1, "end\n")
@@ -792,12 +792,14 @@ def test_program_cannot_remount_ro_bind_from_own_userns(case):
     case.assert_clean()
 
 
-@pytest.mark.parametrize("op", ["remount-rw", "umount", "tmpfs"])
+@pytest.mark.parametrize("op", ["remount-rw", "umount"])
 def test_namespace_capabilities_cannot_change_later_ranks(case, tools, op):
     # With every capability of the namespaces a rank joined (what code inside
     # hpcrun's own process would hold right after setns): make the :ro bind
-    # writable, unmount it to reveal what is below, or mount over it.  A later
-    # rank must still see the bind, read-only.
+    # writable or unmount it to reveal what is below.  The mounts are locked:
+    # a later rank still sees the bind, read-only.  (A new mount on top is not
+    # stopped by locking; no image code ever holds these capabilities, see
+    # docs/design.md and the image-code cases above.)
     src = user_src(case)
     img = case.image(case.root())
     env = {"HPCRUN_LINGER": "3"}
@@ -811,9 +813,7 @@ def test_namespace_capabilities_cannot_change_later_ranks(case, tools, op):
     p.kill()
     p.wait(timeout=TIMEOUT)
     assert_ok(r2, "from-the-bind\nend\n")
-    assert a.returncode in (0, 1), "nsmount failed to run: %s %s" % (a.stdout, a.stderr)
-    if op != "tmpfs":      # a new mount on top changes only that rank's view; locked mounts refuse these
-        assert a.stdout.startswith("refused"), a.stdout + a.stderr
+    assert a.returncode == 1 and a.stdout.startswith("refused"), "not refused: %s %s" % (a.stdout, a.stderr)
     case.assert_clean()
 
 
