@@ -18,7 +18,7 @@ errors.Error(DATA); an unreadable one errors.Error(NOINPUT).
 import mmap
 import struct
 
-from hpcrun import errors
+from hpcrun import errors, fdio
 
 MAGIC = b"\x7fELF"
 PT_LOAD, PT_DYNAMIC, PT_INTERP = 1, 2, 3
@@ -42,7 +42,7 @@ class ElfInfo:
 
 def is_elf(path):
     try:
-        with open(path, "rb") as f:
+        with fdio.open_regular(path) as f:       # files in an image: never a FIFO
             return f.read(4) == MAGIC
     except OSError:
         return False
@@ -134,7 +134,7 @@ def _info_or_none(path):
 
 def _load(path):
     try:
-        with open(path, "rb") as f:
+        with fdio.open_regular(path) as f:
             if f.read(4) != MAGIC:
                 return None
             # mmap: large libraries are parsed without reading them whole

@@ -72,3 +72,22 @@ def read_regular(path, dir_fd=None, limit=16 << 20):
         return None
     finally:
         os.close(fd)
+
+
+def open_regular(path):
+    """open(path, "rb") for a file an image may have planted: O_NONBLOCK so a
+    FIFO cannot stop us in open(2), and anything but a regular file refused
+    (OSError; IsADirectoryError for a directory, as open() says)."""
+    import errno
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -12,7 +12,7 @@ loader's preference order.
 import os
 import struct
 
-from hpcrun import errors
+from hpcrun import errors, fdio
 
 DEFAULT = "/etc/ld.so.cache"
 MAGIC_NEW = b"glibc-ld.so.cache1.1"
@@ -34,7 +34,7 @@ def read(path=DEFAULT, machine=None):
     if key in _cache:
         return _cache[key]
     try:
-        with open(path, "rb") as f:
+        with fdio.open_regular(path) as f:      # the image's cache may be a FIFO
             data = f.read()
     except FileNotFoundError:
         return {}

@@ -1499,10 +1499,12 @@ def test_no_byte_of_the_image_runs_inside_hpcrun(caller, core_dir, busybox_root)
             " ".join(args), open(marker).read())
 
 
-@pytest.mark.parametrize("path", ["/etc/passwd", "/etc/group", "/.hpcrun/image.json", "/.hpcrun/env"])
+@pytest.mark.parametrize("path", ["/etc/passwd", "/etc/group", "/.hpcrun/image.json", "/.hpcrun/env",
+                                  "/etc/ld.so.cache"])
 def test_a_fifo_in_the_image_does_not_hang(caller, core_dir, busybox_root, path):
-    # The keeper (passwd, group, image.json) and the rank (env) read files the
-    # image supplies: a FIFO there must be refused, not opened blocking.
+    # The keeper (passwd, group, image.json, the loader cache the MPI wiring
+    # reads) and the rank (env) read files the image supplies: a FIFO there
+    # must be refused, not opened blocking.
     def edit(root):
         p = os.path.join(root, path.lstrip("/"))
         if os.path.lexists(p):

@@ -13,7 +13,7 @@ Rules (docs/mpi.md has the table):
 import os
 import re
 
-from hpcrun import elf, environment, errors, ldcache
+from hpcrun import elf, environment, errors, fdio, ldcache
 from hpcrun.mpi import inject, launcher
 
 LIBDIR = inject.HOST_DIR + "/lib"
@@ -44,7 +44,7 @@ def library_facts(path, soname=None):
     else:
         facts["flavor"] = "unknown"
     try:
-        with open(path, "rb") as f:
+        with fdio.open_regular(path) as f:       # the image's libmpi: never a FIFO
             data = f.read(64 << 20)
     except OSError:
         data = b""
