@@ -212,6 +212,22 @@ def squashfs(root, out):
     return imagetools.mksquashfs(root, out)
 
 
+def big_image(root, out, megabytes):
+    """An hpcrun image with megabytes of random data stored uncompressed
+    (-noD: quick to build), so that staging it takes a while."""
+    with open(os.path.join(root, "opt", "big"), "wb") as f:
+        for _ in range(megabytes):
+            f.write(os.urandom(1 << 20))
+    sq = out + ".sqfs.tmp"
+    subprocess.run(["mksquashfs", root, sq, "-noappend", "-quiet", "-all-root", "-no-progress", "-noD"],
+                   check=True, stdout=subprocess.DEVNULL)
+    try:
+        imagefile.write_image(out, sq, {}, mode=0o755)
+    finally:
+        os.unlink(sq)
+    return out
+
+
 def sha256_file(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:

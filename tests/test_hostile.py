@@ -1233,3 +1233,35 @@ def test_killed_keeper_next_launch_recovers(case):
     assert_ok(r, case.token + "\n")
     p.communicate(timeout=TIMEOUT)
     case.assert_clean()
+
+
+def test_stuck_keeper_times_out(case):
+    # A keeper that never gets ready (stopped here while it stages a big
+    # payload): the launch gives up after keeper_timeout (a user's own
+    # HPCRUN_CONF may set it) with one line, 71, and leaves nothing behind.
+    img = hi.big_image(case.root(), os.path.join(case.dir, "big.img"), 96)
+    case.digests.add(payload_digest(img))
+    conf = os.path.join(case.dir, "timeout.conf")
+    with open(conf, "w") as f:
+        f.write("keeper_timeout = 3\n")
+    os.chmod(conf, 0o644)
+    p = case.popen(img, "cat", "/marker", env={"HPCRUN_CONF": conf})
+    stopped = None
+    deadline = time.monotonic() + 60
+    while stopped is None and time.monotonic() < deadline and p.poll() is None:
+        for pid, comm, _ in case.processes():
+            if comm == "hpcrun-keeper":
+                os.kill(pid, signal.SIGSTOP)
+                stopped = pid
+                break
+    try:
+        assert stopped, "the keeper was not seen before the launch ended (rc %s)" % p.poll()
+        out, err = p.communicate(timeout=TIMEOUT)
+        assert_error(subprocess.CompletedProcess(p.args, p.returncode, out, err), errors.OSERR)
+        case.assert_clean()
+    finally:
+        if stopped:
+            try:
+                os.kill(stopped, signal.SIGCONT)
+            except OSError:
+                pass
