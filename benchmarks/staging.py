@@ -7,13 +7,14 @@ header's sha256 on the bytes it writes (docs/staging.md).  This measures, for
 an image with MB of incompressible payload, page cache warm:
   copy_file_range      the in-kernel copy staging used before the check (same file system only)
   read+write           the same copy through a buffer, no hash
-  read+hash+write      the same, hashing each block before writing it (one thread)
+  read+hash+write      the same, hashing each block before writing it
   hash only            sha256 of the payload, no copy
-  stage._copy_payload  what a keeper does: read+write, the hash in a second thread
+  stage._copy_payload  what a keeper does (read+hash+write, stage.COPY_BLOCK blocks)
 and, with --launch, cold launches (`hpcrun IMG true`, no container on the node)
 as the given user, so the copy's share of a launch shows.
 
     python3 benchmarks/staging.py [--mb 400] [--dir /tmp] [--rounds 5] [--launch --user hpcrun-test]
+        [--hpcrun PATH]     (another hpcrun to launch with, e.g. an older checkout's, for before/after)
 """
 import argparse
 import hashlib

@@ -315,51 +315,9 @@ def _remove_stale_copies(stage_fd, name):
             _unlink_quietly(entry, stage_fd)
 
 
-COPY_BLOCK = 1 << 22
-
-
-class _Hasher:
-    """The sha256 of the blocks handed to it, computed in a thread while the
-    caller writes them (hashlib releases the GIL): checking the digest costs
-    about what hashing alone costs, not hashing plus copying
-    (benchmarks/staging.py).  Two buffers: one is read and written while
-    the other is hashed."""
-
-    def __init__(self, size):
-        import hashlib
-        import threading
-        self.digest = hashlib.sha256()
-        self.bufs = [memoryview(bytearray(size)) for _ in range(2)]
-        self.free = [threading.Semaphore(1) for _ in self.bufs]
-        self.ready = threading.Semaphore(0)
-        self.todo = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while True:
-            self.ready.acquire()
-            item = self.todo.pop(0)
-            if item is None:
-                return
-            k, n = item
-            self.digest.update(self.bufs[k][:n])
-            self.free[k].release()
-
-    def buffer(self, k):
-        """Buffer k, once the hasher is done with what it held."""
-        self.free[k].acquire()
-        return self.bufs[k]
-
-    def hand(self, k, n):
-        self.todo.append((k, n))
-        self.ready.release()
-
-    def finish(self):
-        self.todo.append(None)
-        self.ready.release()
-        self.thread.join()
-        return self.digest.hexdigest()
+# Blocks of 2 MiB and more made the copy 4x slower than 1 MiB (a fresh keeper
+# writing to ext4, benchmarks/staging.py); the hash does not mind the size.
+COPY_BLOCK = 1 << 20
 
 
 def _copy_payload(img, stage_fd, name, path):
@@ -368,12 +326,16 @@ def _copy_payload(img, stage_fd, name, path):
     Not copy_file_range: that fails with EXDEV when the image lies on another
     file system than the run directory (images on shared storage, /tmp
     node-local), and the bytes must pass through here to be hashed anyway.
+    One thread: a second one hashing while this one writes was faster in
+    isolation but about 2x slower inside a keeper (benchmarks/staging.py,
+    docs/staging.md).
     The file is opened once and must still be the file the plan named (its
     identity is in the key), so what is staged is what was checked."""
+    import hashlib
     from hpcrun import imagefile
     claimed = img.get("sha256_claimed")
     tmp = "%s.sqfs.%d.tmp" % (name, os.getpid())
-    src = dst = hasher = None
+    src = dst = None
     try:
         src = os.open(img["path"], os.O_RDONLY | os.O_CLOEXEC)
         if imagefile.identity(img["kind"], os.fstat(src)) != img["ident"]:
@@ -381,28 +343,22 @@ def _copy_payload(img, stage_fd, name, path):
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                       dir_fd=stage_fd)
         _reserve(dst, img["size"], path)
-        block = min(COPY_BLOCK, img["size"])
-        if claimed:
-            hasher = _Hasher(block)
-        else:
-            plain = memoryview(bytearray(block))
-        left, off, k = img["size"], img["offset"], 0
+        digest = hashlib.sha256() if claimed else None
+        view = memoryview(bytearray(min(COPY_BLOCK, img["size"])))
+        left, off = img["size"], img["offset"]
         while left:
-            view = hasher.buffer(k) if hasher else plain
-            n = os.preadv(src, [view[:min(left, block)]], off)
+            n = os.preadv(src, [view[:min(left, len(view))]], off)
             if n <= 0:
                 raise errors.Error(errors.DATA, "image shorter than its header says", img["path"])
-            if hasher:
-                hasher.hand(k, n)
             chunk = view[:n]
+            if digest is not None:
+                digest.update(chunk)
             while chunk:
                 chunk = chunk[_write(dst, chunk, path):]
             left -= n
             off += n
-            k ^= 1
-        if hasher:
-            actual, hasher = hasher.finish(), None
-            imagefile.check_digest(img["path"], claimed, actual)
+        if digest is not None:
+            imagefile.check_digest(img["path"], claimed, digest.hexdigest())
         os.close(dst)
         dst = None
         os.rename(tmp, name + ".sqfs", src_dir_fd=stage_fd, dst_dir_fd=stage_fd)
@@ -410,8 +366,6 @@ def _copy_payload(img, stage_fd, name, path):
         _unlink_quietly(tmp, stage_fd)
         raise
     finally:
-        if hasher is not None:
-            hasher.finish()
         for fd in (src, dst):
             if fd is not None:
                 os.close(fd)
