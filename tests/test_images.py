@@ -471,6 +471,27 @@ def test_run_dir_without_room_for_the_payload(caller, images_dir, busybox_root, 
         assert host_mounts(img) == []
 
 
+def test_file_system_filling_up_during_the_copy(images_dir, busybox_root, monkeypatch):
+    # The free-space check passed, then the file system filled up (someone
+    # else wrote meanwhile): the write fails with ENOSPC, which is the same
+    # one error (71), and the half copy goes.  The check is skipped here to
+    # reach that path on a real, too small file system.
+    if os.getuid() != 0:
+        pytest.skip("mounts a small file system")
+    img = image_mod.open_image(fresh_image(images_dir, busybox_root, "fillup-%d" % os.getpid())).describe()
+    me = Caller(pwd.getpwuid(0), None)
+    monkeypatch.setattr(stage_mod, "_reserve", lambda fd, size, path: None)
+    with small_fs("256k", me) as d:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with pytest.raises(errors.Error) as e:
+                stage_mod._copy_payload(img, fd, "x", os.path.join(d, "x.sqfs"))
+        finally:
+            os.close(fd)
+        assert e.value.code == errors.OSERR and "no space to stage" in e.value.what
+        assert os.listdir(d) == []
+
+
 # ========================================================== 6. site policy ===
 
 @pytest.fixture(scope="module")
