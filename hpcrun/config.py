@@ -12,6 +12,7 @@ choose (USER_KEYS) and restrictions that add to the site's (TIGHTEN_ONLY).
 docs/config.md lists every key.
 """
 import os
+import stat
 
 from hpcrun import errors
 
@@ -102,16 +103,13 @@ def _read_files(cfg, main, required):
         pass
     for path in files:
         try:
-            with open(path) as f:
-                text = f.read()
+            text = _read_text(path)
         except FileNotFoundError:
             if path == main and required:
                 raise errors.Error(errors.CONFIG, "config file not found", path)
             continue
         except OSError as e:
             raise errors.Error(errors.CONFIG, "config file not readable: %s" % e.strerror, path)
-        except UnicodeDecodeError:
-            raise errors.Error(errors.CONFIG, "config file is not UTF-8 text", path)
         cfg.sources.append(path)
         for n, line in enumerate(text.splitlines(), 1):
             line = line.strip()
@@ -123,6 +121,28 @@ def _read_files(cfg, main, required):
             key = key.strip().lower().replace(" ", "_").replace("-", "_")
             cfg.values.setdefault(key, []).append(value.strip())
             cfg.origin[key] = path
+
+
+def _read_text(path):
+    """A config file's text; a FIFO or device (HPCRUN_CONF=/dev/zero) is
+    refused, not read forever or waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 1 << 20:
+            raise errors.Error(errors.CONFIG, "config file is not a regular file of at most 1 MiB", path)
+        data = b""
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise errors.Error(errors.CONFIG, "config file is not UTF-8 text", path)
 
 
 def _add_users_own(site, mine):

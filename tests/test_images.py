@@ -561,6 +561,21 @@ def test_users_hpcrun_conf_can_restrict_and_choose(user_caller, site, busybox_im
     assert_one_error(r, errors.NOPERM, "user binds are disabled")
 
 
+@pytest.mark.parametrize("what", ["/dev/zero", "fifo", "directory"])
+def test_hpcrun_conf_that_is_not_a_file(caller, images_dir, busybox_image, what):
+    # Read forever (/dev/zero) or wait forever (a FIFO with no writer): neither; one line, 78.
+    if what == "fifo":
+        path = os.path.join(images_dir, "conf-fifo-%s" % caller.name)
+        if not os.path.exists(path):
+            os.mkfifo(path, 0o644)
+    elif what == "directory":
+        path = images_dir
+    else:
+        path = what
+    r = caller.hpcrun(busybox_image, "true", env={"HPCRUN_CONF": path}, timeout=60)
+    assert_one_error(r, errors.CONFIG, path)
+
+
 def test_hpcrun_conf_naming_the_site_file(user_caller, site, busybox_image):
     r = user_caller.hpcrun("-B", "%s:/f" % site["forbidden"], busybox_image, "true",
                            env={"HPCRUN_CONF": "/etc/hpcrun/hpcrun.conf"}, prefix=site["prefix"])
