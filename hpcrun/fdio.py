@@ -50,12 +50,15 @@ def remove(dir_fd, name, rmdir=False):
 
 def read_regular(path, dir_fd=None, limit=16 << 20):
     """The bytes of a regular file, or None when it is missing or anything
-    else (FIFO, device, socket, directory, symlink).  Opened O_NONBLOCK so a
-    FIFO an image planted cannot stop the reader in open(2), O_NOFOLLOW so a
-    final symlink is not followed; files larger than `limit` are refused too."""
+    else (FIFO, device, socket, directory).  Opened O_NONBLOCK so a FIFO an
+    image planted cannot stop the reader in open(2), then fstat'ed; files
+    larger than `limit` are refused too.  Used inside the container, where
+    following a link cannot lead anywhere the program could not go itself;
+    stat'ed first, so a link to a device (/dev/watchdog) is never opened."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY,
-                     dir_fd=dir_fd)
+        if not stat.S_ISREG(os.stat(path, dir_fd=dir_fd).st_mode):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY, dir_fd=dir_fd)
     except OSError:
         return None
     try:
@@ -79,6 +82,9 @@ def open_regular(path):
     FIFO cannot stop us in open(2), and anything but a regular file refused
     (OSError; IsADirectoryError for a directory, as open() says)."""
     import errno
+    mode = os.stat(path).st_mode                # a device is never opened (a link to /dev/watchdog)
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise OSError(errno.EINVAL, "not a regular file", path)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         mode = os.fstat(fd).st_mode

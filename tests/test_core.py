@@ -1568,3 +1568,19 @@ def test_resolution_without_openat2(tmp_path, monkeypatch):
         assert e.value.code == errors.USAGE
     finally:
         os.close(root_fd)
+
+
+@pytest.mark.parametrize("target", ["/etc/env-real", "/dev/zero"])
+def test_image_env_file_through_a_link(caller, core_dir, busybox_root, target):
+    # /.hpcrun/env as a link: to a regular file it is read as before; to a
+    # device it is never opened (stat first), and the launch goes on.
+    def edit(root):
+        write(os.path.join(root, "etc/env-real"), "LINKED_VAR=linked\n")
+        env = os.path.join(root, ".hpcrun/env")
+        if os.path.lexists(env):
+            os.unlink(env)
+        os.symlink(target, env)
+    d, img = hostile_image(caller, core_dir, busybox_root, "envlink", edit)
+    r = caller.hpcrun(img, "sh", "-c", "echo ${LINKED_VAR:-unset}", cwd="/", env={"HPCRUN_LINGER": "0"},
+                      timeout=60)
+    assert (r.returncode, r.stdout) == (0, "linked\n" if target.startswith("/etc") else "unset\n"), r.stderr
