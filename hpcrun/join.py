@@ -11,8 +11,9 @@ A rank that dies mid-join holds nothing but a lock fd, which the kernel
 releases.  Right before setns the import system is sealed: from then on
 every path is the image's, and no byte of the image may run inside hpcrun
 (which holds the namespace's capabilities until execve).  What the rest of
-the launch needs (json for `run`, traceback for --debug) is imported first.  Only setns(2) is called here (rankcalls.py, no ctypes); everything
-else a container needs is the keeper's work, once per node.
+the launch needs (json for `run`, traceback for --debug) is imported first.
+Only setns(2) is called here (rankcalls.py, no ctypes); everything else a
+container needs is the keeper's work, once per node.
 """
 import fcntl
 import os

@@ -63,7 +63,7 @@ def _check(rc, what, path=None):
 
 
 def _b(s):
-    return s.encode() if isinstance(s, str) else s
+    return os.fsencode(s) if isinstance(s, str) else s      # paths need not be UTF-8
 
 
 def mount(source, target, fstype, flags=0, data=None):

@@ -61,6 +61,10 @@ def open_run_dir(path, uid):
                 pass
             continue
         except OSError as e:
+            import errno
+            if e.errno in (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP):
+                # another user's directory, or a link in its place: squatted
+                raise errors.Error(errors.NOPERM, "run directory is not this user's own (%s)" % e.strerror, path)
             raise errors.Error(errors.OSERR, "cannot open hpcrun's run directory: %s" % e.strerror, path)
         st = os.fstat(fd)
         if st.st_uid != uid or st.st_mode & 0o022:
@@ -269,18 +273,21 @@ def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w, linger):
         os.close(fd)
         os.rename(tmp, plan["key"] + ".pid", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         said = ["W " + w for w in plan.get("warnings", [])] + ["N " + n for n in plan.get("notes", [])]
-        os.write(ready_w, "\n".join(["ready %d" % os.getpid()] + [x.replace("\n", " ") for x in said]).encode())
+        os.write(ready_w, "\n".join(["ready %d" % os.getpid()] + [x.replace("\n", " ") for x in said]).encode(
+            errors="surrogateescape"))
         os.close(ready_w)
         ready_w = None
         _linger(plan, dir_fd, st, linger, proc_fd)
     except errors.Error as e:
         code = 1
         if ready_w is not None:
-            os.write(ready_w, ("error %d %s\0%s" % (e.code, e.what, e.subject or "")).encode())
+            msg = "error %d %s\0%s" % (e.code, e.what, e.subject or "")
+            os.write(ready_w, msg.encode(errors="surrogateescape"))
     except BaseException as e:  # report anything, never leave the creator waiting
         code = 1
         if ready_w is not None:
-            os.write(ready_w, ("error %d keeper failed: %s\0" % (errors.OSERR, e)).encode())
+            msg = "error %d keeper failed: %s\0" % (errors.OSERR, e)
+            os.write(ready_w, msg.encode(errors="surrogateescape"))
     finally:
         if st is not None:
             stage.release(st, dir_fd)

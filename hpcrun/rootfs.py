@@ -404,7 +404,7 @@ def _read_only(fd, where):
     # own locked flags (a user namespace may not clear nosuid, nodev, noexec).
     top = os.readlink("/proc/self/fd/%d" % fd)
     points = [top]
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             point = _unescape(line.split()[4])
             if point.startswith(top.rstrip("/") + "/"):
@@ -427,7 +427,7 @@ def _hide_workspace(root, ws):
     ws_dev = os.stat(ws).st_dev
     want = "%d:%d" % (os.major(ws_dev), os.minor(ws_dev))
     copies = []
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.split()
             point = _unescape(fields[4])
