@@ -1584,3 +1584,46 @@ def test_image_env_file_through_a_link(caller, core_dir, busybox_root, target):
     r = caller.hpcrun(img, "sh", "-c", "echo ${LINKED_VAR:-unset}", cwd="/", env={"HPCRUN_LINGER": "0"},
                       timeout=60)
     assert (r.returncode, r.stdout) == (0, "linked\n" if target.startswith("/etc") else "unset\n"), r.stderr
+
+
+def test_read_only_without_mount_setattr(tmp_path):
+    # Where the kernel has no mount_setattr(2), :ro remounts the bind and every
+    # mount below it, one by one.  In a child with a mount namespace of its own.
+    if os.getuid() != 0:
+        pytest.skip("needs root (a mount namespace in a child)")
+    import errno as errno_mod
+    from hpcrun import linux, rootfs
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "sub").mkdir(parents=True)
+    dst.mkdir()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            def no_mount_setattr(*args, **kw):
+                raise OSError(errno_mod.ENOSYS, "no mount_setattr")
+            linux.mount_setattr = no_mount_setattr
+            linux.unshare(linux.CLONE_NEWNS)
+            linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+            linux.mount("hpcrun-test", str(src / "sub"), "tmpfs", 0, "mode=0755")
+            linux.mount(str(src), str(dst), None, linux.MS_BIND | linux.MS_REC)
+            fd = os.open(str(dst), os.O_PATH)
+            rootfs._read_only(fd, "test")
+            out = []
+            for p in (dst / "x", dst / "sub" / "x"):
+                try:
+                    open(p, "w").close()
+                    out.append("writable")
+                except OSError as e:
+                    out.append(errno_mod.errorcode[e.errno])
+            os.write(w, " ".join(out).encode())
+        except BaseException as e:
+            os.write(w, repr(e).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        said = f.read().decode()
+    os.waitpid(pid, 0)
+    assert said == "EROFS EROFS", said
+    assert os.listdir(src) == ["sub"]
