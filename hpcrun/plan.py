@@ -23,10 +23,13 @@ def parse_bind(spec, why):
     if len(parts) > 3 or not parts[0]:
         raise errors.Error(errors.USAGE, "malformed bind spec, expected SRC[:DST[:ro|rw]]", spec)
     src = parts[0]
-    dst = parts[1] if len(parts) > 1 and parts[1] else src
+    # A relative source is the caller's cwd's (add() resolves it); without a
+    # DST it lands at the same absolute path inside.
+    same = os.path.abspath(src)
+    dst = parts[1] if len(parts) > 1 and parts[1] else same
     mode = parts[2] if len(parts) > 2 else "rw"
     if len(parts) == 2 and parts[1] in ("ro", "rw"):
-        dst, mode = src, parts[1]
+        dst, mode = same, parts[1]
     if mode not in ("ro", "rw"):
         raise errors.Error(errors.USAGE, "malformed bind spec: mode must be ro or rw", spec)
     if not dst.startswith("/"):
