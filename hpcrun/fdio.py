@@ -61,13 +61,19 @@ def read_regular(path, dir_fd=None, limit=16 << 20):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY, dir_fd=dir_fd)
     except OSError:
         return None
+    return read_regular_fd(fd, limit)
+
+
+def read_regular_fd(fd, limit=16 << 20):
+    """The bytes behind fd (opened O_NONBLOCK) if it is a regular file of at
+    most `limit` bytes, else None; fd is closed."""
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
             return None
         chunks = []
         while True:
-            chunk = os.read(fd, 65536)
+            chunk = os.read(fd, 1 << 20)
             if not chunk:
                 return b"".join(chunks)
             chunks.append(chunk)

@@ -24,7 +24,7 @@ import errno
 import os
 import stat
 
-from hpcrun import errors, linux
+from hpcrun import errors, fdio, linux
 
 NOSUID_NODEV = linux.MS_NOSUID | linux.MS_NODEV
 
@@ -160,20 +160,7 @@ def read_regular(root_fd, path, limit=16 << 20):
         fd = open_in_root(root_fd, path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except (errors.Error, OSError):
         return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
-            return None
-        chunks = []
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    return fdio.read_regular_fd(fd, limit)
 
 
 # ------------------------------------------------ resolution inside a root ---

@@ -424,6 +424,17 @@ def test_bind_src_only_keeps_the_path(caller, core_dir, core_image):
     assert caller.ok("-B", d, core_image, "cat", os.path.join(d, "f")) == "same path\n"
 
 
+@pytest.mark.parametrize("mode", ["", ":ro"])
+def test_relative_bind_source_without_destination(caller, core_dir, core_image, mode):
+    """-B 'my data' from the directory holding it: the source is the cwd's and
+    it lands at the same absolute path (it was refused: 'destination must be absolute')."""
+    d = private_dir(core_dir, caller)
+    os.mkdir(os.path.join(d, "my data"), 0o755)
+    write(os.path.join(d, "my data", "f"), "relative\n")
+    out = caller.ok("-B", "my data" + mode, core_image, "cat", os.path.join(d, "my data", "f"), cwd=d)
+    assert out == "relative\n"
+
+
 @pytest.mark.parametrize("spec", ["%s:/ro:ro", "%s:ro"])
 def test_bind_ro_is_really_read_only(caller, core_dir, core_image, spec):
     d = private_dir(core_dir, caller)
