@@ -29,6 +29,8 @@ options (before IMAGE):
       --mpi auto|hybrid|host|none  MPI library strategy (docs/mpi.md)
       --nv                       make the host's NVIDIA driver visible (also HPCRUN_NV=1)
       --rocm                     make the host's ROCm (AMD GPU) stack visible (also HPCRUN_ROCM=1)
+      --image-digest DIGEST      run IMAGE only if it is still the image pinned (sha256:HEX;
+                                 also HPCRUN_IMAGE_DIGEST; docs/run.md)
       --dry-run                  print the launch plan as JSON and exit
   -v, --verbose                  say what is done and why, with timings
       --debug                    show tracebacks
@@ -37,7 +39,7 @@ Exit codes: docs/exit-codes.md."""
 
 SUBCOMMANDS = ("exec", "run", "shell", "inspect", "check", "build", "version", "task-entry", "help")
 _WITH_VALUE = {"-B": "binds", "--bind": "binds", "--pwd": "pwd", "--env": "env", "--env-file": "env_files",
-               "--mpi": "mpi"}
+               "--mpi": "mpi", "--image-digest": "image_digest"}
 _FLAGS = {"--cleanenv": "cleanenv", "--no-home": "no_home", "--dry-run": "dry_run", "-v": "verbose",
           "--verbose": "verbose", "--debug": "debug", "--nv": "nv",
           "--rocm": "rocm"}
@@ -46,7 +48,7 @@ _FLAGS = {"--cleanenv": "cleanenv", "--no-home": "no_home", "--dry-run": "dry_ru
 class Options:
     def __init__(self):
         self.binds, self.env, self.env_files = [], [], []
-        self.pwd = self.mpi = self.image = None
+        self.pwd = self.mpi = self.image = self.image_digest = None
         self.cleanenv = self.no_home = self.dry_run = self.verbose = self.debug = self.nv = self.rocm = False
         self.command = []
         self.runscript = False
@@ -85,6 +87,9 @@ def parse(argv, mode):
                 if value not in ("auto", "hybrid", "host", "none"):
                     raise errors.Error(errors.USAGE, "--mpi must be auto, hybrid, host or none", value)
                 o.mpi = value
+            elif attr == "image_digest":
+                from hpcrun import image
+                o.image_digest = image.parse_pin(value, name)
             else:
                 setattr(o, attr, value)
         elif a in _FLAGS:

@@ -26,7 +26,7 @@ def describe(path, verify=False):
     d = {"path": img.path, "format": img.kind,
          "size": img.st.st_size if img.kind != "dir" else None,
          "payload": None if img.kind == "dir" else {"offset": img.offset, "size": img.size},
-         "sha256_claimed": img.digest, "sha256_verified": False,
+         "sha256_claimed": img.digest, "sha256_verified": False, "pin": img.pin,
          "labels": meta.get("labels") or {}, "runscript": meta.get("runscript"),
          "env": meta.get("env") or [], "mpi": meta.get("mpi"), "build": meta.get("build")}
     if img.kind in ("squashfs", "sif"):
@@ -75,6 +75,8 @@ def main(argv):
     if d["sha256_claimed"]:
         out.append("sha256:     %s (%s)" % (d["sha256_claimed"], "verified: the payload matches" if d["sha256_verified"]
                                           else "claimed by the header, not checked; --verify checks it"))
+    if d["pin"] and not d["pin"].startswith("sha256:"):
+        out.append("pin:        %s (for --image-digest)" % d["pin"])
     if d.get("note"):
         out.append("note:       %s" % d["note"])
     out.append("runscript:  %s" % (" ".join(d["runscript"]) if d["runscript"] else "(none)"))

@@ -22,9 +22,18 @@ from hpcrun import errors, imagefile
 
 SIF_MAGIC_AT = (32, b"SIF_MAGIC\0")          # sif.py is imported only for SIF files
 
+# What identifies an image for pinning (docs/run.md), from bytes a launch reads
+# anyway: an hpcrun image's header digest; a SIF's global header from its ID
+# (a UUID new with every build) to the data section's extent (ctime, mtime,
+# descriptor counts, sizes); a plain SquashFS's 96-byte superblock (mkfs time,
+# inode count, bytes used, table positions).  No payload is hashed per rank.
+SIF_PIN = (48, 128)
+SQUASHFS_PIN = 96
+PIN_FORMS = {"sha256": 64, "sif": 2 * (SIF_PIN[1] - SIF_PIN[0]), "squashfs": 2 * SQUASHFS_PIN}
+
 
 class Image:
-    __slots__ = ("path", "kind", "offset", "size", "ident", "digest", "meta_raw", "st")
+    __slots__ = ("path", "kind", "offset", "size", "ident", "digest", "meta_raw", "st", "pin")
 
     def describe(self):
         d = {"path": self.path, "kind": self.kind, "ident": self.ident}
@@ -32,6 +41,8 @@ class Image:
             d.update(offset=self.offset, size=self.size)
         if self.digest:
             d["sha256_claimed"] = self.digest
+        if self.pin:
+            d["pin"] = self.pin
         return d
 
     def meta(self):
@@ -55,7 +66,7 @@ def open_image(path):
         raise errors.Error(errors.USAGE, "image argument is empty")
     img = Image()
     img.path = os.path.abspath(path)
-    img.digest = None
+    img.digest = img.pin = None
     img.meta_raw = None
     try:
         st = os.stat(img.path)
@@ -88,12 +99,15 @@ def open_image(path):
             h = imagefile.read_header(path, fd, st.st_size)
             img.kind, img.offset, img.size = "hpcrun", h.offset, h.size
             img.digest, img.meta_raw = h.sha256, h.meta_raw
+            img.pin = "sha256:" + h.sha256
         elif first[SIF_MAGIC_AT[0]:SIF_MAGIC_AT[0] + len(SIF_MAGIC_AT[1])] == SIF_MAGIC_AT[1]:
             from hpcrun import sif
             img.kind = "sif"
             img.offset, img.size = sif.primary_partition(path, fd, st.st_size)
+            img.pin = "sif:" + first[SIF_PIN[0]:SIF_PIN[1]].hex()
         elif first[:4] == imagefile.SQUASHFS_MAGIC:
             img.kind, img.offset, img.size = "squashfs", 0, st.st_size
+            img.pin = "squashfs:" + first[:SQUASHFS_PIN].hex()
         elif len(first) == 0:
             raise errors.Error(errors.DATA, "not an image: empty file", path)
         else:
@@ -119,3 +133,33 @@ def _check_superblock(path, raw, size):
     if bytes_used > size:
         raise errors.Error(errors.DATA, "truncated image: SquashFS needs %d bytes, %d present"
                            % (bytes_used, size), path)
+
+
+def parse_pin(value, source):
+    """A pinned identity (--image-digest, HPCRUN_IMAGE_DIGEST): KIND:HEX, as
+    `hpcrun inspect` shows it under "pin"."""
+    kind, sep, hexpart = value.partition(":")
+    n = PIN_FORMS.get(kind)
+    if (not sep or n is None or len(hexpart) != n
+            or hexpart.strip("0123456789abcdef") or not hexpart.isascii()):
+        raise errors.Error(errors.USAGE, "%s must be sha256:<64 hex digits> (or the sif:/squashfs: "
+                           "form that `hpcrun inspect` shows as pin)" % source,
+                           value if value.isprintable() else ascii(value))
+    return value
+
+
+def check_pin(img, wanted, environ):
+    """Refuse an image that is not the one pinned, before anything is mounted.
+    HPCRUN_IMAGE_DIGEST (set by the Slurm and PBS plugins at submission) pins
+    the image HPCRUN_IMAGE_DIGEST_PATH names, or every image without it."""
+    if wanted is None:
+        wanted = environ.get("HPCRUN_IMAGE_DIGEST")
+        if not wanted:
+            return
+        scope = environ.get("HPCRUN_IMAGE_DIGEST_PATH")
+        if scope and os.path.abspath(scope) != img.path:
+            return
+        wanted = parse_pin(wanted, "HPCRUN_IMAGE_DIGEST")
+    if img.pin != wanted:
+        raise errors.Error(errors.DATA, "image is not the one pinned at submission: pinned %s, image now %s"
+                           % (wanted, img.pin or "none (a directory image has no digest to pin)"), img.path)

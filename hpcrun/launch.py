@@ -17,6 +17,7 @@ def launch(opts):
     timing = []
     cfg = config.load()
     img = image.open_image(opts.image)                       # validated, nothing mounted yet
+    image.check_pin(img, opts.image_digest, os.environ)      # still the image submitted?
     plan = plan_mod.build(opts, img, cfg, os.environ)        # plain data
     if opts.dry_run:
         return dry_run(plan, img)
