@@ -19,6 +19,28 @@ file does not stop the job (Slurm logs it and goes on), so errors are caught
 and turned into refusals.
 ]]
 
+local function hex(bytes)
+  return (bytes:gsub(".", function(c) return string.format("%02x", c:byte()) end))
+end
+
+-- What pins an image (hpcrun/image.py, docs/run.md), from its first bytes: an
+-- hpcrun image's header digest, a SIF's global header from its ID on, a plain
+-- SquashFS's superblock.  nil for a directory or a file too short to run.
+local function image_pin(kind, head)
+  if kind == "hpcrun" then
+    local digest = head:match("\nHPCRUN%-IMAGE %d+ %d+ %d+ ([0-9a-f]+)\n")
+    if digest ~= nil and #digest == 64 then
+      return "sha256:" .. digest
+    end
+  elseif kind == "sif" and #head >= 128 then
+    return "sif:" .. hex(head:sub(49, 128))
+  elseif kind == "squashfs" and #head >= 96 then
+    return "squashfs:" .. hex(head:sub(1, 96))
+  end
+  return nil
+end
+
+-- (kind, pin) of the image at path, or (nil, why).
 local function image_kind(path)
   local f, err = io.open(path, "rb")
   if not f then
@@ -32,16 +54,17 @@ local function image_kind(path)
   if head == nil then
     return nil, rerr or "empty file"
   end
+  local kind
   if head:sub(1, 4) == "hsqs" then
-    return "squashfs"
+    kind = "squashfs"
+  elseif head:sub(1, 2) == "#!" and head:sub(1, 256):find("\nHPCRUN%-IMAGE ") then
+    kind = "hpcrun"
+  elseif head:sub(33, 42) == "SIF_MAGIC\0" then
+    kind = "sif"
+  else
+    return nil, "not an image"
   end
-  if head:sub(1, 2) == "#!" and head:sub(1, 256):find("\nHPCRUN%-IMAGE ") then
-    return "hpcrun"
-  end
-  if head:sub(33, 42) == "SIF_MAGIC\0" then
-    return "sif"
-  end
-  return nil, "not an image"
+  return kind, image_pin(kind, head)
 end
 
 local submit_dir_cache = nil
@@ -226,13 +249,14 @@ end
 local function check(options, opt, path)
   local abs = absolute(path, options["chdir"])
   local kind, err = image_kind(abs)
+  local pin = err
   local chdir = options["chdir"]
   if kind == nil and (err or ""):find("No such file") and path:sub(1, 1) ~= "/"
       and chdir ~= nil and chdir ~= "" then
     local in_submit_dir = absolute(path, nil)
     local kind2, err2 = image_kind(in_submit_dir)
     if kind2 ~= nil or not (err2 or ""):find("No such file") then
-      abs, kind, err = in_submit_dir, kind2, err2
+      abs, kind, err, pin = in_submit_dir, kind2, err2, err2
     end
   end
   if kind == nil then
@@ -247,7 +271,7 @@ local function check(options, opt, path)
     slurm.log_error("hpcrun: %s (%s, from --%s)", why, abs, opt)
     return nil
   end
-  return abs
+  return abs, pin
 end
 
 function slurm_cli_setup_defaults(options, early_pass)
@@ -261,18 +285,63 @@ local function empty(opt)
   return slurm.ERROR
 end
 
+-- Add NAME=VALUE items to the job's --export list (ALL unless the user gave one).
+local function export(options, items)
+  local list = options["export"]
+  if list == nil or list == "" then
+    list = "ALL"
+  end
+  options["export"] = list .. "," .. table.concat(items, ",")
+end
+
+-- Pin the image at submission (docs/slurm.md): HPCRUN_IMAGE_DIGEST names what
+-- the image is now, HPCRUN_IMAGE_DIGEST_PATH which image it pins, and every
+-- task's hpcrun refuses a rebuilt image (65, both digests named).  A step of a
+-- job that pinned this same image keeps the job's pin: the job runs what was
+-- submitted, not what the image is when the step starts.
+local function pin_image(options, abs, pin, wanted)
+  if wanted == "no" or pin == nil then
+    return
+  end
+  local inherited = os.getenv("HPCRUN_IMAGE_DIGEST")
+  if inherited ~= nil and inherited ~= "" and os.getenv("HPCRUN_IMAGE_DIGEST_PATH") == abs then
+    pin = inherited
+  end
+  if pin:find("[,\"']") then
+    return
+  end
+  local items = { "HPCRUN_IMAGE_DIGEST=" .. pin }
+  -- --export's value is a comma list in which quotes group: such a path cannot
+  -- travel, and then the pin holds for every image the job launches.
+  if not abs:find("[,\"']") then
+    items[2] = "HPCRUN_IMAGE_DIGEST_PATH=" .. abs
+  end
+  export(options, items)
+end
+
 function slurm_cli_pre_submit(options, pack_offset)
   local ok, set = pcall(cli_options, options)
   if not ok then
     slurm.log_error("hpcrun: cannot decode slurm.json_cli_options: %s", tostring(set))
     return slurm.ERROR
   end
+  local wanted = set["spank:container-pin"]
+  if wanted ~= nil and wanted ~= "yes" and wanted ~= "no" then
+    slurm.log_error("hpcrun: --container-pin must be yes or no (--container-pin=%s)", tostring(wanted))
+    return slurm.ERROR
+  end
   local image = set["spank:container-image"]
   if image == "" then   -- the plugin refuses it too; this names it first
     return empty("container-image")
   end
-  if type(image) == "string" and check(options, "container-image", image) == nil then
-    return slurm.ERROR
+  local pinned = false
+  if type(image) == "string" then
+    local abs, pin = check(options, "container-image", image)
+    if abs == nil then
+      return slurm.ERROR
+    end
+    pin_image(options, abs, pin, wanted)   -- the plugin runs this one when both are given
+    pinned = true
   end
   local container = options["container"]
   if container == nil then   -- not in the options table: take the JSON's
@@ -284,7 +353,7 @@ function slurm_cli_pre_submit(options, pack_offset)
   if type(container) ~= "string" or container == "" then
     return slurm.SUCCESS
   end
-  local abs = check(options, "container", container)
+  local abs, pin = check(options, "container", container)
   if abs == nil then
     return slurm.ERROR
   end
@@ -297,11 +366,10 @@ function slurm_cli_pre_submit(options, pack_offset)
   -- value): a path with a comma or a quote cannot travel in it.  The plugin
   -- then resolves SLURM_CONTAINER itself (the task's cwd, the submit dir).
   if not abs:find("[,\"']") then
-    local export = options["export"]
-    if export == nil or export == "" then
-      export = "ALL"
-    end
-    options["export"] = export .. ",HPCRUN_IMAGE=" .. abs
+    export(options, { "HPCRUN_IMAGE=" .. abs })
+  end
+  if not pinned then
+    pin_image(options, abs, pin, wanted)
   end
   return slurm.SUCCESS
 end

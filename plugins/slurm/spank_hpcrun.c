@@ -11,6 +11,8 @@
  *   --container-workdir=DIR    working directory inside the image
  *   --container-env=LIST       NAME (the task's value wins over the image's) or NAME=VALUE
  *   --container-batch          run the batch script itself inside the image too
+ *   --container-pin=yes|no     no: run the image as it is at launch, not as it was
+ *                              at submission (the cli_filter pins it; docs/slurm.md)
  *
  * Which image (first non-empty): --container-image, the task's HPCRUN_IMAGE
  * (the cli_filter exports it), Slurm's own --container (SLURM_CONTAINER) unless
@@ -53,8 +55,9 @@ static char *opt_mounts = NULL;
 static char *opt_workdir = NULL;
 static char *opt_env = NULL;
 static int opt_batch = 0;
+static int opt_unpinned = 0;
 
-enum { OPT_IMAGE, OPT_MOUNTS, OPT_WORKDIR, OPT_ENV, OPT_BATCH };
+enum { OPT_IMAGE, OPT_MOUNTS, OPT_WORKDIR, OPT_ENV, OPT_BATCH, OPT_PIN };
 
 static int set_option(int val, const char *optarg, int remote);
 
@@ -67,6 +70,8 @@ static struct spank_option options[] = {
     { "container-env", "NAME[=VALUE],...", "Variables whose task value wins over the image's", 1,
       OPT_ENV, set_option },
     { "container-batch", NULL, "Run the batch script inside the image too", 0, OPT_BATCH,
+      set_option },
+    { "container-pin", "yes|no", "no: run the image as it is at launch, not as submitted", 1, OPT_PIN,
       set_option },
     SPANK_OPTIONS_TABLE_END
 };
@@ -81,6 +86,13 @@ static int set_option(int val, const char *optarg, int remote)
     case OPT_WORKDIR: slot = &opt_workdir; break;
     case OPT_ENV: slot = &opt_env; break;
     case OPT_BATCH: opt_batch = 1; return 0;
+    case OPT_PIN:
+        if (optarg == NULL || (strcmp(optarg, "yes") != 0 && strcmp(optarg, "no") != 0)) {
+            slurm_error("hpcrun: --container-pin must be yes or no");
+            return -1;
+        }
+        opt_unpinned = strcmp(optarg, "no") == 0;
+        return 0;
     default: return -1;
     }
     if (optarg == NULL || *optarg == '\0') {
@@ -247,6 +259,9 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
         || set(sp, "HPCRUN_TASK_PWD", opt_workdir) || set(sp, "HPCRUN_TASK_ENV", opt_env)
         || set(sp, "HPCRUN_TASK_BATCH", stepid == SLURM_BATCH_SCRIPT ? "1" : NULL)
         || set(sp, "HPCRUN_TASK_ARGV0", argv[0]))
+        return -1;
+    /* A step that asks for the latest image drops a pin inherited from its job. */
+    if (opt_unpinned && (set(sp, "HPCRUN_IMAGE_DIGEST", NULL) || set(sp, "HPCRUN_IMAGE_DIGEST_PATH", NULL)))
         return -1;
     /* The task process execs argv[0] right after us, so this copy is never freed. */
     argv[0] = strdup(hpcrun_path);
