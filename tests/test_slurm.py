@@ -2,6 +2,7 @@
 on loopback (tests/testbed/cluster.py), the SPANK plugin built from
 plugins/slurm/, the cli_filter.lua, and the real hpcrun.  Jobs run as the
 unprivileged test user, as users' jobs do."""
+import contextlib
 import os
 import shlex
 import shutil
@@ -493,3 +494,65 @@ def test_salloc_container_image(run, image_fs):
     path, name = image_fs.case("non-ascii")
     r = run(["salloc", "-N1", "--container-image=" + path, "srun", "cat", "/etc/image-name"], cwd=image_fs.project)
     assert (r.returncode, r.stdout.split()) == (0, [name]), r.stderr
+
+
+def _pinned_job(cluster, as_job_user, jobdir, root, name, options):
+    """sbatch a held job on pin.img (marker "first"), rebuild the image ("second")
+    while it waits, release it: (job facts, output, digest at submission, digest now)."""
+    img = os.path.join(jobdir, "pin.img")
+
+    def build(marker):
+        with open(os.path.join(root, "etc", "build-marker"), "w") as f:
+            f.write(marker + "\n")
+        imagetools.make_image(root, img)
+        from hpcrun import image
+        return image.open_image(img).pin
+    submitted = build("first")
+    path = os.path.join(jobdir, name + ".sh")
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n#SBATCH -N1 -n1\n#SBATCH --container-image=pin.img %s\n"
+                "srun cat /etc/build-marker\n" % options)
+    r = as_job_user(["sbatch", "--hold", "--parsable", "-o", name + ".out", path])
+    assert r.returncode == 0, r.stderr
+    job_id = int(r.stdout.strip().split(";")[0])
+    assert slurm.job(job_id, env=cluster.env())["state"] == "PENDING"
+    now = build("second")                              # the user rebuilds while the job waits
+    r = as_job_user(["scontrol", "release", str(job_id)])
+    assert r.returncode == 0, r.stderr
+    info = slurm.wait(job_id, timeout=T, env=cluster.env())
+    with open(os.path.join(jobdir, name + ".out")) as f:
+        return info, f.read(), submitted, now
+
+
+@pytest.fixture
+def pin_root(jobdir, busybox_root):
+    root = os.path.join(jobdir, "pin-root")
+    shutil.copytree(busybox_root, root, symlinks=True)
+    os.makedirs(os.path.join(root, "etc"), exist_ok=True)
+    yield root
+    shutil.rmtree(root)
+    for name in ("pin.img", "pin-held.sh", "pin-held.out", "pin-latest.sh", "pin-latest.out"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(jobdir, name))
+
+
+def test_a_job_whose_image_is_rebuilt_while_pending_fails_naming_both(cluster, as_job_user, jobdir, pin_root):
+    info, out, submitted, now = _pinned_job(cluster, as_job_user, jobdir, pin_root, "pin-held", "")
+    assert submitted != now and submitted.startswith("sha256:")
+    assert (info["state"], info["exit_code"]) == ("FAILED", 65), out
+    assert ("hpcrun: error: image is not the one pinned at submission: pinned %s, image now %s (%s)"
+            % (submitted, now, os.path.join(jobdir, "pin.img"))) in out, out
+    assert "first" not in out and "second" not in out
+
+
+def test_container_pin_no_runs_the_rebuilt_image(cluster, as_job_user, jobdir, pin_root):
+    info, out, submitted, now = _pinned_job(cluster, as_job_user, jobdir, pin_root, "pin-latest",
+                                            "--container-pin=no")
+    assert info["state"] == "COMPLETED", out
+    assert out.strip() == "second", out
+
+
+def test_container_pin_takes_yes_or_no(run):
+    r = run(["srun", "-N1", "--container-image=busybox.img", "--container-pin=maybe", "true"])
+    assert r.returncode != 0
+    assert "--container-pin must be yes or no" in r.stderr, r.stderr
