@@ -17,6 +17,8 @@ usage: hpcrun [options] IMAGE COMMAND [ARGS...]
        hpcrun inspect [--json] IMAGE                what an image holds
        hpcrun check [IMAGE]                         will a launch work here?
        hpcrun build OUT.img SPEC | --from SOURCE    make an image
+       hpcrun sign [-k KEY] IMAGE                  add an OpenSSH signature
+       hpcrun verify [--allowed-signers FILE] IMAGE check its signatures
        hpcrun version
 
 options (before IMAGE):
@@ -37,7 +39,8 @@ options (before IMAGE):
   -h, --help                     this text
 Exit codes: docs/exit-codes.md."""
 
-SUBCOMMANDS = ("exec", "run", "shell", "inspect", "check", "build", "version", "task-entry", "help")
+SUBCOMMANDS = ("exec", "run", "shell", "inspect", "check", "build", "sign", "verify", "version", "task-entry",
+               "help")
 _WITH_VALUE = {"-B": "binds", "--bind": "binds", "--pwd": "pwd", "--env": "env", "--env-file": "env_files",
                "--mpi": "mpi", "--image-digest": "image_digest"}
 _FLAGS = {"--cleanenv": "cleanenv", "--no-home": "no_home", "--dry-run": "dry_run", "-v": "verbose",

@@ -4,6 +4,9 @@ hpcrun images carry their metadata in the header, directories in
 /.hpcrun/image.json; for plain SquashFS and SIF files the metadata is inside
 the filesystem, and inspect says so instead of mounting.
 
+Signatures (hpcrun sign) are listed with the key that made them and the
+name the signer gave, as claimed: hpcrun verify checks them.
+
 An hpcrun image's header claims the sha256 of its payload; inspect shows it
 as claimed unless --verify reads the payload and checks it (a mismatch is
 error 65, as when a launch stages it).
@@ -29,12 +32,26 @@ def describe(path, verify=False):
          "sha256_claimed": img.digest, "sha256_verified": False, "pin": img.pin,
          "labels": meta.get("labels") or {}, "runscript": meta.get("runscript"),
          "env": meta.get("env") or [], "mpi": meta.get("mpi"), "build": meta.get("build")}
+    if img.kind == "hpcrun":
+        d["signatures"] = [sig.describe() for sig in _signatures(img)]
     if img.kind in ("squashfs", "sif"):
         d["note"] = "metadata of a %s image lives inside its filesystem; not read without mounting" % img.kind
     if verify and img.digest:
         verify_payload(img)
         d["sha256_verified"] = True
     return d
+
+
+def _signatures(img):
+    """The trailer's signatures, as claimed (hpcrun verify checks them)."""
+    import os
+    from hpcrun import imagefile, signature
+    fd = os.open(img.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        return signature.read_signatures(img.path, fd, imagefile.read_header(img.path, fd, size), size)
+    finally:
+        os.close(fd)
 
 
 def verify_payload(img):
@@ -77,6 +94,12 @@ def main(argv):
                                           else "claimed by the header, not checked; --verify checks it"))
     if d["pin"] and not d["pin"].startswith("sha256:"):
         out.append("pin:        %s (for --image-digest)" % d["pin"])
+    if d.get("signatures"):
+        out.append("signed by:  (claimed, not checked; hpcrun verify checks them)")
+        out += ["  %s (%s %s)" % (sg["signer_claimed"] or "no name given", sg["key_type"], sg["fingerprint"])
+                for sg in d["signatures"]]
+    elif d["format"] == "hpcrun":
+        out.append("signed by:  (not signed)")
     if d.get("note"):
         out.append("note:       %s" % d["note"])
     out.append("runscript:  %s" % (" ".join(d["runscript"]) if d["runscript"] else "(none)"))

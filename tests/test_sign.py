@@ -1,0 +1,186 @@
+"""Signed images: hpcrun sign / verify with real OpenSSH keys (ssh-keygen), and
+the site policy require_signature = yes enforced by the node's keeper.
+
+Keys are made by the unprivileged test user in its own directory; the
+site's allowed_signers file is root's.  Every image is a private copy."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+from hpcrun import errors, imagefile
+
+pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen (openssh-client) missing")
+
+
+def assert_one_error(r, code, *fragments):
+    lines = r.stderr.splitlines()
+    assert r.returncode == code, "expected %d, got %d: %r" % (code, r.returncode, r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("hpcrun: error: "), r.stderr
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+@pytest.fixture(scope="module")
+def keys(shared_dir, test_user, as_user):
+    """Two keys of the test user (alice: allowed; mallory: unknown) and the
+    site's allowed_signers files: one that allows alice, one where her key
+    has expired (valid-before in the past: how a key is revoked)."""
+    d = tempfile.mkdtemp(prefix="sign-keys-", dir=shared_dir)
+    os.chmod(d, 0o755)
+    os.chown(d, test_user.pw_uid, test_user.pw_gid)
+    k = {}
+    for name in ("alice", "mallory"):
+        k[name] = os.path.join(d, name)
+        r = as_user(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name + "@site", "-f", k[name]])
+        assert r.returncode == 0, r.stderr
+    with open(k["alice"] + ".pub") as f:
+        pub = f.read().strip()
+    site = tempfile.mkdtemp(prefix="sign-site-", dir=shared_dir)
+    os.chmod(site, 0o755)
+    for name, options in (("allowed", 'namespaces="hpcrun-image"'), ("revoked", 'valid-before="20200101"')):
+        k[name] = os.path.join(site, name)
+        with open(k[name], "w") as f:
+            f.write("alice@site %s %s\n" % (options, pub))
+        os.chmod(k[name], 0o644)
+    return k
+
+
+@pytest.fixture
+def image(shared_dir, busybox_image, test_user):
+    """A private copy of the busybox image, owned by the test user."""
+    d = tempfile.mkdtemp(prefix="sign-img-", dir=shared_dir)
+    os.chmod(d, 0o755)
+    path = os.path.join(d, "img.img")
+    shutil.copy(busybox_image, path)
+    os.chown(path, test_user.pw_uid, test_user.pw_gid)
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def hpcrun(as_user, *argv, **kw):
+    return as_user(["hpcrun"] + list(argv), **kw)
+
+
+def sign(as_user, keys, img, who="alice"):
+    r = hpcrun(as_user, "sign", "-k", keys[who], img)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def payload_bytes(img):
+    with open(img, "rb") as f:
+        h = imagefile.read_header(img, f.fileno())
+        f.seek(0)
+        return hashlib.sha256(f.read(h.offset + h.size)).hexdigest(), h
+
+
+@pytest.fixture(scope="module")
+def as_user(as_user, hpcrun_bin):
+    """The shared as_user, with the venv's hpcrun first on PATH."""
+    bindir = os.path.dirname(hpcrun_bin)
+
+    def run(argv, env=None, **kw):
+        e = {"PATH": "%s:/usr/local/bin:/usr/bin:/bin" % bindir}
+        e.update(env or {})
+        return as_user(argv, env=e, **kw)
+    return run
+
+
+# ------------------------------------------------------------ sign/verify ---
+
+def test_round_trip_keeps_the_payload(as_user, keys, image):
+    before, h = payload_bytes(image)
+    r = hpcrun(as_user, "inspect", "--json", image)
+    assert json.loads(r.stdout)["signatures"] == []
+    out = sign(as_user, keys, image).stdout
+    assert "alice@site" in out and "SHA256:" in out
+    sign(as_user, keys, image, "mallory")              # several signatures
+    after, h2 = payload_bytes(image)
+    assert after == before and (h2.offset, h2.size, h2.sha256) == (h.offset, h.size, h.sha256)
+    d = json.loads(hpcrun(as_user, "inspect", "--json", image).stdout)
+    assert [s["signer_claimed"] for s in d["signatures"]] == ["alice@site", "mallory@site"]
+    assert "claimed" in hpcrun(as_user, "inspect", image).stdout
+    r = hpcrun(as_user, "verify", "--allowed-signers", keys["allowed"], image)
+    assert r.returncode == 0, r.stderr
+    assert "good signature by alice@site" in r.stdout
+    assert "mallory@site): key not in allowed_signers" in r.stdout
+    # the same key again adds nothing
+    size = os.path.getsize(image)
+    assert "already signed" in sign(as_user, keys, image).stdout
+    assert os.path.getsize(image) == size
+    # a signed image still launches (trailer ignored without policy)
+    r = hpcrun(as_user, image, "echo", "inside", env={"HPCRUN_LINGER": "0"})
+    assert (r.returncode, r.stdout) == (0, "inside\n"), r.stderr
+
+
+def test_unsigned_and_unknown_signer_are_77(as_user, keys, image):
+    r = hpcrun(as_user, "verify", "--allowed-signers", keys["allowed"], image)
+    assert_one_error(r, errors.NOPERM, "not signed")
+    sign(as_user, keys, image, "mallory")
+    r = hpcrun(as_user, "verify", "--allowed-signers", keys["allowed"], image)
+    assert_one_error(r, errors.NOPERM, "no signature from an allowed")
+    assert "key not in allowed_signers" in r.stdout
+
+
+def test_revoked_key_is_77(as_user, keys, image):
+    sign(as_user, keys, image)
+    r = hpcrun(as_user, "verify", "--allowed-signers", keys["revoked"], image)
+    assert_one_error(r, errors.NOPERM)
+    assert "expired" in r.stdout
+
+
+def test_tampered_payload_is_65(as_user, keys, image):
+    sign(as_user, keys, image)
+    _, h = payload_bytes(image)
+    with open(image, "r+b") as f:                      # a byte near the payload's end
+        f.seek(h.offset + h.size - 100)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xff]))
+    r = hpcrun(as_user, "verify", "--allowed-signers", keys["allowed"], image)
+    assert_one_error(r, errors.DATA, "does not match its header")
+
+
+def test_tampered_metadata_is_65(as_user, keys, image):
+    sign(as_user, keys, image)
+    with open(image, "r+b") as f:
+        head = f.read(4096)
+        at = head.index(b"runscript says")
+        f.seek(at)
+        f.write(b"RUNSCRIPT SAYS")                     # same length, still valid JSON
+    assert json.loads(hpcrun(as_user, "inspect", "--json", image).stdout)["runscript"][1] == "RUNSCRIPT SAYS"
+    r = hpcrun(as_user, "verify", "--allowed-signers", keys["allowed"], image)
+    assert_one_error(r, errors.DATA, "changed after signing")
+
+
+def test_garbage_after_the_payload_is_65(as_user, keys, image):
+    with open(image, "ab") as f:
+        f.write(b"HPCRUN-SIGNATURE 999999 x\nshort")
+    r = hpcrun(as_user, "verify", "--allowed-signers", keys["allowed"], image)
+    assert_one_error(r, errors.DATA, "bad signature block")
+    assert_one_error(hpcrun(as_user, "inspect", image), errors.DATA, "bad signature block")
+
+
+def test_sign_refuses_what_it_cannot_sign(as_user, keys, image, busybox_squashfs):
+    r = hpcrun(as_user, "sign", "-k", keys["alice"], busybox_squashfs)
+    assert r.returncode in (errors.DATA, errors.CANTCREATE), r.stderr     # root's file: not writable either
+    assert_one_error(r, r.returncode)
+    r = hpcrun(as_user, "sign", "-k", keys["alice"] + ".missing", image)
+    assert_one_error(r, errors.NOINPUT, "key not found")
+    _, h = payload_bytes(image)
+    with open(image, "r+b") as f:                      # a payload that does not match its header is not signed
+        f.seek(h.offset + 200)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xff]))
+    size = os.path.getsize(image)
+    assert_one_error(hpcrun(as_user, "sign", "-k", keys["alice"], image), errors.DATA, "does not match")
+    assert os.path.getsize(image) == size
+    assert_one_error(hpcrun(as_user, "verify", image), errors.USAGE, "allowed_signers")
