@@ -302,6 +302,10 @@ def _build(plan, cfg, dir_fd, run_dir, proc_fd):
     """Namespaces, workspace, image, wiring, root; returns the stage.Stage
     (what must be released when the keeper ends)."""
     from hpcrun import linux, rootfs, stage
+    if cfg.getbool("require_signature"):
+        # Site policy, once per keeper (node, image identity, mount plan), before any mount.
+        from hpcrun import signature
+        signature.enforce(plan["image"], cfg)
     uid, gid = plan["uid"], plan["gid"]
     ws = os.path.join(run_dir, plan["key"] + ".d")
     try:

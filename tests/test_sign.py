@@ -184,3 +184,116 @@ def test_sign_refuses_what_it_cannot_sign(as_user, keys, image, busybox_squashfs
     assert_one_error(hpcrun(as_user, "sign", "-k", keys["alice"], image), errors.DATA, "does not match")
     assert os.path.getsize(image) == size
     assert_one_error(hpcrun(as_user, "verify", image), errors.USAGE, "allowed_signers")
+
+
+# ------------------------------------------------------------ site policy ---
+
+def _policy(site_config, keys, which="allowed"):
+    return site_config("require_signature = yes\nallowed_signers = %s\n" % keys[which])
+
+
+def _keepers_of(path):
+    out = []
+    for name in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/comm" % name) as f:
+                if f.read().strip() != "hpcrun-keeper":
+                    continue
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                if path.encode() in f.read():
+                    out.append(int(name))
+        except OSError:
+            continue
+    return out
+
+
+def _nothing_left(as_user, test_user, image, prefix):
+    """No keeper, no run-dir entry of this image's key, no mount of it."""
+    plan = json.loads(hpcrun(as_user, "--dry-run", image, "true", prefix=prefix).stdout)
+    run_dir = "/tmp/hpcrun-%d" % test_user.pw_uid
+    left = [n for n in (os.listdir(run_dir) if os.path.isdir(run_dir) else []) if n.startswith(plan["key"])]
+    with open("/proc/self/mountinfo") as f:
+        mounts = [ln for ln in f if os.path.dirname(image) in ln]
+    return left == [] and mounts == [] and not _keepers_of(image)
+
+
+def test_policy_refuses_unsigned_unknown_revoked(as_user, test_user, keys, image, site_config):
+    policy = _policy(site_config, keys)
+    env = {"HPCRUN_LINGER": "0"}
+    r = hpcrun(as_user, image, "true", prefix=policy, env=env)
+    assert_one_error(r, errors.NOPERM, "requires signed images", "not signed")
+    assert _nothing_left(as_user, test_user, image, policy)
+    sign(as_user, keys, image, "mallory")
+    r = hpcrun(as_user, image, "true", prefix=policy, env=env)
+    assert_one_error(r, errors.NOPERM, "no accepted signature", "key not in allowed_signers")
+    sign(as_user, keys, image)
+    r = hpcrun(as_user, image, "echo", "ok", prefix=_policy(site_config, keys, "revoked"), env=env)
+    assert_one_error(r, errors.NOPERM, "expired")
+    r = hpcrun(as_user, image, "echo", "ok", prefix=policy, env=env)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "ok\n", "")
+
+
+def test_policy_refuses_tampered_and_other_kinds(as_user, test_user, keys, image, busybox_squashfs, site_config):
+    policy = _policy(site_config, keys)
+    env = {"HPCRUN_LINGER": "0"}
+    r = hpcrun(as_user, busybox_squashfs, "true", prefix=policy, env=env)
+    assert_one_error(r, errors.NOPERM, "squashfs image carries no hpcrun signature")
+    sign(as_user, keys, image)
+    _, h = payload_bytes(image)
+    with open(image, "r+b") as f:
+        f.seek(h.offset + h.size - 100)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xff]))
+    r = hpcrun(as_user, image, "true", prefix=policy, env=env)
+    assert_one_error(r, errors.DATA, "does not match its header")
+    assert _nothing_left(as_user, test_user, image, policy)
+
+
+def test_policy_off_runs_unsigned(as_user, image, site_config):
+    r = hpcrun(as_user, image, "echo", "ok", prefix=site_config("require_signature = no\n"),
+               env={"HPCRUN_LINGER": "0"})
+    assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
+
+
+def test_policy_is_the_sites(as_user, keys, image, site_config, shared_dir, test_user):
+    # a user's HPCRUN_CONF can neither set the policy nor name the signers
+    d = tempfile.mkdtemp(prefix="sign-conf-", dir=shared_dir)
+    os.chmod(d, 0o755)
+    conf = os.path.join(d, "my.conf")
+    with open(conf, "w") as f:
+        f.write("allowed_signers = %s\n" % keys["allowed"])
+    os.chmod(conf, 0o644)
+    r = hpcrun(as_user, image, "true", env={"HPCRUN_CONF": conf})
+    assert_one_error(r, errors.CONFIG, "cannot set allowed_signers")
+    # an allowed_signers file the user could add a key to is a config error
+    mine = os.path.join(d, "signers")
+    shutil.copy(keys["allowed"], mine)
+    os.chown(mine, test_user.pw_uid, test_user.pw_gid)
+    sign(as_user, keys, image)
+    r = hpcrun(as_user, image, "true", prefix=site_config("require_signature = yes\nallowed_signers = %s\n" % mine),
+               env={"HPCRUN_LINGER": "0"})
+    assert_one_error(r, errors.CONFIG, "owned by root")
+    r = hpcrun(as_user, image, "true", prefix=site_config("require_signature = yes\n"), env={"HPCRUN_LINGER": "0"})
+    assert_one_error(r, errors.CONFIG, "needs allowed_signers")
+
+
+def test_policy_as_root(hpcrun_bin, keys, image, shared_dir):
+    # root: HPCRUN_CONF replaces the site's file; the kernel mounts the image in place
+    if os.getuid() != 0:
+        pytest.skip("needs root")
+    d = tempfile.mkdtemp(prefix="sign-root-", dir=shared_dir)
+    conf = os.path.join(d, "hpcrun.conf")
+    with open(conf, "w") as f:
+        f.write("require_signature = yes\nallowed_signers = %s\nlinger = 0\n" % keys["allowed"])
+    env = dict(os.environ, HPCRUN_CONF=conf)
+
+    def run(*argv):
+        return subprocess.run([hpcrun_bin] + list(argv), env=env, capture_output=True, text=True, timeout=120)
+    assert_one_error(run(image, "true"), errors.NOPERM, "not signed")
+    r = subprocess.run([hpcrun_bin, "sign", "-k", keys["alice"], image], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = run(image, "echo", "ok")
+    assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
+    assert run("verify", image).returncode == 0            # verify's default: the config's allowed_signers
+    shutil.rmtree(d)
