@@ -17,7 +17,7 @@ usage: hpcrun [options] IMAGE COMMAND [ARGS...]
        hpcrun inspect [--json] IMAGE                what an image holds
        hpcrun check [IMAGE]                         will a launch work here?
        hpcrun build OUT.img SPEC | --from SOURCE    make an image
-       hpcrun sign [-k KEY] IMAGE                  add an OpenSSH signature
+       hpcrun sign [-k KEY] IMAGE                   add an OpenSSH signature
        hpcrun verify [--allowed-signers FILE] IMAGE check its signatures
        hpcrun version
 
