@@ -31,7 +31,8 @@ def describe(path, verify=False):
          "payload": None if img.kind == "dir" else {"offset": img.offset, "size": img.size},
          "sha256_claimed": img.digest, "sha256_verified": False, "pin": img.pin,
          "labels": meta.get("labels") or {}, "runscript": meta.get("runscript"),
-         "env": meta.get("env") or [], "mpi": meta.get("mpi"), "build": meta.get("build")}
+         "env": meta.get("env") or [], "mpi": meta.get("mpi"), "build": meta.get("build"),
+         "workdir": meta.get("workdir"), "image_user": meta.get("image_user")}
     if img.kind == "hpcrun":
         d["signatures"] = [sig.describe() for sig in _signatures(img)]
     if img.kind in ("squashfs", "sif"):
@@ -103,6 +104,10 @@ def main(argv):
     if d.get("note"):
         out.append("note:       %s" % d["note"])
     out.append("runscript:  %s" % (" ".join(d["runscript"]) if d["runscript"] else "(none)"))
+    if d.get("workdir"):
+        out.append("workdir:    %s (hpcrun run starts there)" % d["workdir"])
+    if d.get("image_user"):
+        out.append("image USER: %s (not switched to: the user inside is the user outside)" % d["image_user"])
     if d["labels"]:
         out.append("labels:")
         out += ["  %s = %s" % kv for kv in sorted(d["labels"].items())]

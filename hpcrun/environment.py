@@ -137,7 +137,12 @@ def apply_file(env, path):
             line = line[7:].lstrip()
         name, sep, value = line.partition("=")
         if sep and valid_name(name):
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            # 'VALUE' is literal, as in a shell (an image config's Env: docs/design.md);
+            # "VALUE" and a bare VALUE expand $NAME.
+            if len(value) >= 2 and value[0] == value[-1] == "'":
+                env[name] = value[1:-1]
+                continue
+            if len(value) >= 2 and value[0] == value[-1] == '"':
                 value = value[1:-1]
             env[name] = expand(value, env)
     if env.get("LD_LIBRARY_PATH", None) == "":

@@ -36,8 +36,12 @@ def launch(opts):
         for n in plan.get("notes", ()):
             sys.stderr.write("hpcrun: note: %s\n" % n)
     env = environment.final(plan)
-    cwd = enter_cwd(plan, env, opts)                        # first: ./solver is relative to it
-    argv = command(plan, env)
+    meta = image_json() if opts.runscript else {}
+    workdir = meta.get("workdir") if not opts.pwd else None
+    if isinstance(workdir, str) and workdir.startswith("/"):   # an image's WORKDIR: `hpcrun run` starts there
+        plan["cwd"] = workdir
+    cwd = enter_cwd(plan, env, opts, required=workdir)      # first: ./solver is relative to it
+    argv = command(plan, env, meta)
     if opts.verbose:
         sys.stderr.write("hpcrun: %s image %s, container %s%s; plan %.1f ms, join %.1f ms; exec %s in %s\n" % (
             img.kind, img.path, plan["key"], " (new)" if timing else " (joined)",
@@ -61,19 +65,25 @@ def dry_run(plan, img):
     return 0
 
 
-def command(plan, env):
+def image_json():
+    """The image's /.hpcrun/image.json, read inside ({} if absent or not a JSON object)."""
+    import json                       # imported before the join (launch), found in sys.modules
+    from hpcrun import fdio
+    try:
+        meta = json.loads(fdio.read_regular("/.hpcrun/image.json") or b"{}")
+    except (ValueError, LookupError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def command(plan, env, meta=None):
     """The argv to exec, with argv[0] resolved inside the container."""
     argv = list(plan["argv"])
     if plan["runscript"]:
         if os.access("/.hpcrun/runscript", os.X_OK):
             argv = ["/.hpcrun/runscript"] + argv
         else:
-            import json                       # imported before the join (launch), found in sys.modules
-            from hpcrun import fdio
-            try:
-                rs = json.loads(fdio.read_regular("/.hpcrun/image.json") or b"{}").get("runscript")
-            except (ValueError, AttributeError, LookupError):
-                rs = None
+            rs = (meta if meta is not None else image_json()).get("runscript")
             if not rs:
                 raise errors.Error(errors.NOTFOUND, "image has no runscript", plan["image"]["path"])
             argv = (rs if isinstance(rs, list) else [rs]) + argv
@@ -104,19 +114,22 @@ def find_command(name, path):
     raise errors.Error(errors.NOTFOUND, "command not found in the image", name)
 
 
-def enter_cwd(plan, env, opts):
+def enter_cwd(plan, env, opts, required=None):
+    """The planned directory, else HOME, else /; with --pwd (or an image's WORKDIR:
+    required) there is no fallback."""
+    required = opts.pwd or required
     for d in (plan["cwd"], env.get("HOME"), "/"):
         if not d:
             continue
         try:
             os.chdir(d)
-            if d != plan["cwd"] and opts.pwd:
-                raise errors.Error(errors.NOINPUT, "working directory not found in the container", opts.pwd)
+            if d != plan["cwd"] and required:
+                raise errors.Error(errors.NOINPUT, "working directory not found in the container", required)
             env["PWD"] = d
             return d
         except OSError:
-            if opts.pwd:
-                raise errors.Error(errors.NOINPUT, "working directory not found in the container", opts.pwd)
+            if required:
+                raise errors.Error(errors.NOINPUT, "working directory not found in the container", required)
     return "/"
 
 

@@ -30,7 +30,8 @@ WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 
 
-def unpack(source, tree, log):
+def unpack(source, tree, log, platform=None):
+    """platform: (os, arch, variant) the user asked for (--platform), or None: the host's."""
     root = tree.root
     try:
         st = os.stat(source)
@@ -40,7 +41,8 @@ def unpack(source, tree, log):
         raise errors.Error(errors.NOINPUT, "base not accessible: %s" % e.strerror, source)
     if stat.S_ISDIR(st.st_mode):
         if _is_regular(os.path.join(source, "oci-layout")):
-            return _oci_dir(source, tree, log)
+            return _oci_dir(source, tree, log, platform)
+        _no_platform(platform, source)
         img = image.open_image(source)
         log("base: directory %s" % source)
         _copy_dir(source, tree)
@@ -53,8 +55,9 @@ def unpack(source, tree, log):
     except OSError as e:
         raise errors.Error(errors.NOINPUT, "base not readable: %s" % e.strerror, source)
     if _is_tar(source, head):
-        return _archive(source, tree, log)
+        return _archive(source, tree, log, platform)
     img = image.open_image(source)
+    _no_platform(platform, source)
     log("base: %s image %s" % (img.kind, source))
     _unsquash(img, tree)
     meta = img.meta()
@@ -65,6 +68,12 @@ def unpack(source, tree, log):
         except (OSError, ValueError):
             meta = {}
     return meta
+
+
+def _no_platform(platform, source):
+    if platform:
+        raise errors.Error(errors.USAGE, "--platform chooses among the images of a docker archive or OCI layout;"
+                           " this base is neither", source)
 
 
 def _is_tar(path, head):
@@ -166,7 +175,7 @@ def _devices(sqfs):
     return [m.group(1) for m in map(DEVICE_LINE.match, r.stdout.splitlines()) if m]
 
 
-def _archive(path, tree, log):
+def _archive(path, tree, log, platform):
     try:
         with tarfile.open(path, "r:*") as outer:
             names = set(outer.getnames())
@@ -174,13 +183,14 @@ def _archive(path, tree, log):
                 manifest = json.load(_member(outer, "manifest.json"))[0]
                 layers = manifest["Layers"]
                 config = json.load(_member(outer, manifest["Config"]))
+                mismatch = _check_platform(config, platform, path)
                 log("base: docker archive %s, %d layers" % (path, len(layers)))
                 for n, layer in enumerate(layers, 1):
                     _apply_layer(_member(outer, layer), tree, "%s layer %d" % (path, n))
-                return _config_meta(config)
+                return _config_meta(config, mismatch)
             if "oci-layout" in names or "index.json" in names:
                 read = lambda name: _member(outer, name)        # noqa: E731
-                return _oci(read, tree, path, log)
+                return _oci(read, tree, path, log, platform)
     except (tarfile.TarError, EOFError, KeyError, ValueError, IndexError, AttributeError) as e:
         raise errors.Error(errors.DATA, "truncated or corrupt archive: %s" % _why(e), path)
     raise errors.Error(errors.DATA, "archive is neither a docker save tarball nor an OCI image layout", path)
@@ -194,7 +204,7 @@ def _member(outer, name):
     return outer.extractfile(m)
 
 
-def _oci_dir(path, tree, log):
+def _oci_dir(path, tree, log, platform):
     def read(name):
         full = os.path.join(path, name)
         try:
@@ -207,43 +217,205 @@ def _oci_dir(path, tree, log):
             raise errors.Error(errors.DATA, "OCI layout file is not a regular file", full)
         return f
     try:
-        return _oci(read, tree, path, log)
+        return _oci(read, tree, path, log, platform)
     except (tarfile.TarError, EOFError, KeyError, ValueError, IndexError) as e:
         raise errors.Error(errors.DATA, "truncated or corrupt OCI layout: %s" % _why(e), path)
 
 
-def _oci(read, tree, path, log):
+def _oci(read, tree, path, log, platform):
     def blob(digest):
         algo, _, hexd = digest.partition(":")
+        if algo not in ("sha256", "sha512") or not hexd.isalnum():      # a digest names a blob, never a path
+            raise errors.Error(errors.DATA, "corrupt OCI image: bad digest %r" % digest, path)
         return read("blobs/%s/%s" % (algo, hexd))
-    index = json.load(read("index.json"))
-    desc = index["manifests"][0]
-    manifest = json.load(blob(desc["digest"]))
-    if "manifests" in manifest:                      # an image index: take the first image
-        manifest = json.load(blob(manifest["manifests"][0]["digest"]))
+    manifest = json.load(read("index.json"))
+    while "manifests" in manifest:                   # an image index (index.json is one): pick the platform's
+        manifest = json.load(blob(_choose(manifest["manifests"], platform, path)["digest"]))
     layers = manifest["layers"]
+    config = json.load(blob(manifest["config"]["digest"]))
+    mismatch = _check_platform(config, platform, path)
     log("base: OCI image %s, %d layers" % (path, len(layers)))
     for n, layer in enumerate(layers, 1):
         _apply_layer(blob(layer["digest"]), tree, "%s layer %d" % (path, n))
-    return _config_meta(json.load(blob(manifest["config"]["digest"])))
+    return _config_meta(config, mismatch)
 
 
-def _config_meta(config):
-    """Image config (Env, Entrypoint, Cmd, Labels) -> hpcrun metadata."""
+ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386", "i386": "386",
+        "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64", "mips64": "mips64le"}
+VARIANT = {"armv7l": "v7", "armv6l": "v6", "aarch64": "v8"}
+
+
+def host_platform():
+    """(os, arch, variant) in the OCI image-spec's words (GOOS/GOARCH), as podman and skopeo pick."""
+    machine = os.uname().machine
+    return ("linux", ARCH.get(machine, machine), VARIANT.get(machine, ""))
+
+
+def parse_platform(text):
+    """--platform os/arch[/variant] -> (os, arch, variant); bad form: 64."""
+    parts = text.split("/")
+    if not 2 <= len(parts) <= 3 or not all(parts):
+        raise errors.Error(errors.USAGE, "--platform is OS/ARCH[/VARIANT], e.g. linux/arm64/v8", text)
+    return (parts[0], parts[1], parts[2] if len(parts) == 3 else "")
+
+
+def _platform_name(p):
+    return "/".join(x for x in p if x)
+
+
+def _matches(plat, want):
+    """A descriptor's or config's platform against (os, arch, variant).  An
+    image with no variant matches any wanted variant (arm64 images rarely
+    state v8); a wanted one without variant matches any."""
+    os_, arch, variant = want
+    have = plat.get("variant") or ""
+    return plat.get("os") == os_ and plat.get("architecture") == arch and (not have or not variant or have == variant)
+
+
+def _choose(descriptors, platform, path):
+    """The descriptor of an index for the wanted platform (the host's unless --platform).
+    A lone descriptor is followed whatever it says; among several, one without
+    a platform or an attestation (unknown/unknown) is never chosen."""
+    if not descriptors:
+        raise errors.Error(errors.DATA, "corrupt OCI image: an index with no manifests", path)
+    want = platform or host_platform()
+    with_platform = [d for d in descriptors if isinstance(d.get("platform"), dict)]
+    if len(descriptors) == 1:
+        return descriptors[0]           # one image (its config's platform is checked) or the index of several
+    exact = [d for d in with_platform if _matches(d["platform"], want)]
+    if exact:
+        # The wanted variant, stated, before one that states none.
+        exact.sort(key=lambda d: (d["platform"].get("variant") or "") != want[2])
+        return exact[0]
+    have = sorted({_platform_name((d["platform"].get("os"), d["platform"].get("architecture"),
+                                   d["platform"].get("variant")))
+                   for d in with_platform if d["platform"].get("os") != "unknown"})
+    raise errors.Error(errors.DATA, "no %s image in this index (it has: %s)%s"
+                       % (_platform_name(want), ", ".join(have) or "none",
+                          "" if platform else "; --platform picks one"), path)
+
+
+def _check_platform(config, platform, path):
+    """A single image: --platform must match its config; the host's platform not
+    matching is a warning (as podman's), the build goes on."""
+    plat = {"os": config.get("os"), "architecture": config.get("architecture"), "variant": config.get("variant")}
+    if not plat["os"] or not plat["architecture"]:
+        return None
+    if platform and not _matches(plat, platform):
+        raise errors.Error(errors.DATA, "the image is for %s, not %s" % (
+            _platform_name((plat["os"], plat["architecture"], plat["variant"])), _platform_name(platform)), path)
+    if not platform and not _matches(plat, host_platform()):
+        return "the image is for %s, this host is %s: its programs may not run here" % (
+            _platform_name((plat["os"], plat["architecture"], plat["variant"])), _platform_name(host_platform()))
+    return None
+
+
+def env_literal(value):
+    """An image config's Env value in /.hpcrun/env's literal form: single quotes
+    where the bare form would expand $NAME or lose quotes or spaces."""
+    if "$" in value or value != value.strip() or value[:1] in "'\"" or value[-1:] in "'\"":
+        return "'%s'" % value
+    return value
+
+
+def _config_meta(config, mismatch=None):
+    """Image config (Env, Entrypoint, Cmd, WorkingDir, User, Labels) -> hpcrun metadata.
+    Env values are literal (as podman passes them): written in /.hpcrun/env's
+    quoted form.  USER is recorded, never switched to.  "warnings": lines for
+    the build to print."""
     c = config.get("config") or config.get("Config") or {}
-    meta = {}
+    meta = {"warnings": [mismatch] if mismatch else []}
     argv = (c.get("Entrypoint") or []) + (c.get("Cmd") or [])
     if argv:
         meta["runscript"] = argv
-    env = [e.partition("=") for e in c.get("Env") or []]
+    env = []
+    for entry in c.get("Env") or []:
+        k, _, v = entry.partition("=")
+        if "\n" in v or "\r" in v:
+            meta["warnings"].append("image Env %s has a line break; /.hpcrun/env cannot hold it: left out" % k)
+            continue
+        env.append([k, env_literal(v)])
     if env:
-        meta["env"] = [[k, v] for k, _, v in env]
+        meta["env"] = env
     if c.get("Labels"):
         meta["labels"] = dict(c["Labels"])
+    workdir = c.get("WorkingDir") or ""
+    if workdir:
+        if not workdir.startswith("/"):
+            workdir = "/" + workdir
+        meta["workdir"] = os.path.normpath(workdir)
+    user = c.get("User") or ""
+    if user:
+        meta["image_user"] = user
+        meta["warnings"].append("the image's USER %s is not switched to: in hpcrun the user inside is the user "
+                                "outside (docs/coming-from.md)" % user)
     return meta
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
 def _apply_layer(fileobj, tree, what):
+    head = fileobj.read(4)
+    fileobj.seek(0)
+    if head == ZSTD_MAGIC:
+        with _zstd(fileobj, what) as plain:
+            return _apply_tar(plain, tree, what)
+    return _apply_tar(fileobj, tree, what)
+
+
+class _zstd:
+    """A zstd layer (skopeo --dest-compress-format zstd), decompressed by the zstd
+    program (Python 3.11 has no zstd): the layer is fed to it by a thread,
+    read back as a stream.  On exit the program and the thread are gone."""
+
+    def __init__(self, fileobj, what):
+        self.fileobj, self.what = fileobj, what
+
+    def __enter__(self):
+        import threading
+        exe = shutil.which("zstd")
+        if not exe:
+            raise errors.Error(errors.UNAVAILABLE, "zstd layers need the zstd program (Debian: apt install zstd)",
+                               self.what)
+        self.proc = subprocess.Popen([exe, "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        self.feeder = threading.Thread(target=self._feed, daemon=True)
+        self.feeder.start()
+        return self.proc.stdout
+
+    def _feed(self):
+        try:
+            shutil.copyfileobj(self.fileobj, self.proc.stdin, 1 << 20)
+        except (OSError, ValueError, EOFError, tarfile.TarError):
+            pass                                  # zstd stopped reading (or the layer ended early): it says why
+        finally:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+    def __exit__(self, kind, value, tb):
+        # Read to the end (the tar's padding; or, after a tar error, what zstd
+        # thinks of the stream: a cut-short frame is its error, not tar's).
+        drain = kind is None or issubclass(kind, (tarfile.TarError, EOFError, OSError, errors.Error))
+        if drain:
+            while self.proc.stdout.read(1 << 20):
+                pass
+        else:
+            self.proc.kill()
+        self.proc.stdout.close()
+        err = self.proc.stderr.read().decode("utf-8", "replace").strip()
+        self.proc.stderr.close()
+        rc = self.proc.wait()
+        self.feeder.join()
+        if drain and rc != 0:
+            raise errors.Error(errors.DATA, "corrupt zstd layer: %s" % ((err.splitlines() or ["zstd failed"])[-1]),
+                               self.what)
+        return False
+
+
+def _apply_tar(fileobj, tree, what):
     root = tree.root
     dirs = {}                                  # directory -> (mode, mtime), set once the layer is in
     with tarfile.open(fileobj=fileobj, mode="r|*") as layer:

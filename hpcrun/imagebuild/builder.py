@@ -28,8 +28,9 @@ GROUP = "root:x:0:\nnogroup:x:65534:\n"
 
 
 class Build:
-    def __init__(self, spec, out, base_source=None, verbose=False, log=None, progress=None):
+    def __init__(self, spec, out, base_source=None, verbose=False, log=None, progress=None, platform=None):
         self.spec = spec
+        self.platform = platform
         self.out = out
         self.base_source = base_source or spec.base
         self.log = log or (lambda line: None)
@@ -56,12 +57,19 @@ class Build:
         self.elf = solve_elf.Solver(tree)
         meta = {}
         if self.base_source:
-            got = base.unpack(self.base_source, tree, self.note)
+            got = base.unpack(self.base_source, tree, self.note, self.platform)
+            for line in got.get("warnings", ()):
+                self.warn(line)
             if spec.exclude:
                 _drop_excluded(tree)
-            meta.update({k: v for k, v in got.items() if k in ("runscript", "env", "labels", "mpi")})
+            meta.update({k: v for k, v in got.items()
+                         if k in ("runscript", "env", "labels", "mpi", "workdir", "image_user")})
+        elif self.platform:
+            raise errors.Error(errors.USAGE, "--platform needs --from (a docker archive or OCI layout)")
         for d in MOUNT_POINTS:
             tree.mkdir("/" + d)
+        if meta.get("workdir") and not exists(staging, meta["workdir"]):
+            tree.mkdir(meta["workdir"], "WORKDIR of the base")          # as Docker makes it
         os.chmod(inside(staging, "/tmp", follow_last=True), 0o1777)
         runscript = None
         for n, written in spec.paths:
@@ -193,12 +201,16 @@ class Build:
         env = [list(kv) for kv in inherited]
         names = [k for k, _ in env]
         path = DEFAULT_PATH
+        literal = False
         if "PATH" in names:
             path = env[names.index("PATH")][1]
             env.pop(names.index("PATH"))
+            if len(path) >= 2 and path[0] == path[-1] == "'":      # an image config's literal form
+                path, literal = path[1:-1], True
         extra = [d for d in self.path_dirs + ([APP] if self.tree.has(APP) or _has_app(self.tree) else [])
                  if d not in path.split(":")]
-        env.insert(0, ["PATH", ":".join(extra + [path])])
+        path = ":".join(extra + [path])
+        env.insert(0, ["PATH", base.env_literal(path) if literal else path])
         for k, v in self.spec.env:
             env = [kv for kv in env if kv[0] != k] + [[k, v]]
         return env
