@@ -333,3 +333,110 @@ def test_workdir_missing_from_the_layers_is_made(hpcrun_bin, tmp_path):
     assert "USER" not in r.stderr
     r = run([hpcrun_bin, "run", "--cleanenv", out])
     assert r.stdout.splitlines()[-1] == "/work/new", r.stderr
+
+
+# ---------------------------------------------------------------- side by side with podman
+
+CONTAINERFILE = """FROM scratch
+ADD busybox /bin/busybox
+ADD data.txt /app/data.txt
+ENV PATH=/bin LIT='a$HOME-b' BRACE='${USER:-x}' SPACED=' s '
+WORKDIR /app
+USER 1000:1000
+ENTRYPOINT ["/bin/busybox", "sh", "-c"]
+CMD ["cat data.txt; pwd; printf '%s|' \\"$LIT\\" \\"$BRACE\\" \\"$SPACED\\""]
+"""
+
+
+class Podman:
+    """podman with its own storage in a temporary directory (vfs: nothing mounted),
+    runc and cgroupfs as these machines need, no network, the rlimits lowered
+    (runc may not raise them here)."""
+
+    # As root, podman and skopeo keep a blob cache in /var/lib/containers whatever
+    # --root says: each runs in its own mount namespace with a tmpfs on /var/lib,
+    # so the host keeps none of it.
+    PRIVATE = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount -t tmpfs -o mode=755 tmpfs /var/lib && exec "$@"', "sh"]
+
+    def __init__(self, d):
+        self.d = d
+        self.cmd = self.PRIVATE + ["podman", "--root", os.path.join(d, "root"), "--runroot", os.path.join(d, "run"),
+                    "--storage-driver", "vfs", "--runtime", "runc", "--cgroup-manager", "cgroupfs",
+                    "--events-backend", "file"]
+
+    def __call__(self, *args, check=True):
+        r = run(self.cmd + list(args), timeout=300)
+        if check:
+            assert r.returncode == 0, (args, r.stderr)
+        return r
+
+    def run(self, image, *args):
+        r = self("run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit",
+                 "nproc=1024:1024", image, *args)
+        return r.stdout
+
+    def build(self, tag, files, platform=None):
+        ctx = os.path.join(self.d, "ctx-" + tag)
+        os.makedirs(ctx)
+        shutil.copy("/bin/busybox", os.path.join(ctx, "busybox"))
+        for name, text in files.items():
+            with open(os.path.join(ctx, name), "w") as f:
+                f.write(text)
+        self("build", "-q", "--no-cache", "-t", tag, *(["--platform", platform] if platform else []), ctx)
+
+
+@pytest.fixture(scope="module")
+def podman(tmp_path_factory):
+    if not shutil.which("podman") or not shutil.which("skopeo") or not shutil.which("runc"):
+        pytest.skip("podman, skopeo and runc are not installed (Debian: apt install podman skopeo runc)")
+    if os.geteuid() != 0:
+        pytest.skip("podman side by side runs as root here (its cache is kept off the host in a mount namespace)")
+    d = str(tmp_path_factory.mktemp("podman"))
+    p = Podman(d)
+    yield p
+    shutil.rmtree(d, ignore_errors=True)      # vfs: plain directories (no `system reset`: it touches shared networks)
+
+
+def test_podman_image_runs_as_in_podman(hpcrun_bin, podman, tmp_path):
+    podman.build("t1", {"Containerfile": CONTAINERFILE, "data.txt": "data in app\n"})
+    want = podman.run("localhost/t1")
+    assert want == "data in app\n/app\na$HOME-b|${USER:-x}| s |"
+    sources = {"docker-archive": str(tmp_path / "t1.docker.tar"), "oci-archive": str(tmp_path / "t1.oci.tar")}
+    for fmt, path in sources.items():
+        podman("save", "-q", "--format", fmt, "-o", path, "localhost/t1")
+    # The same image with zstd layers, as skopeo writes them.
+    sources["oci-zstd"] = str(tmp_path / "t1.zstd")
+    r = run(Podman.PRIVATE + ["skopeo", "copy", "-q", "--dest-compress-format", "zstd", "oci-archive:" + sources["oci-archive"],
+             "oci:%s:latest" % sources["oci-zstd"]])
+    assert r.returncode == 0, r.stderr
+    for fmt, src in sources.items():
+        out = str(tmp_path / (fmt + ".img"))
+        r = build(hpcrun_bin, out, "--from", src)
+        assert r.returncode == 0, (fmt, r.stderr)
+        assert "USER 1000:1000 is not switched to" in r.stderr, fmt
+        r = run([hpcrun_bin, "run", "--cleanenv", out], cwd=str(tmp_path))
+        assert (r.returncode, r.stdout) == (0, want), (fmt, r.stderr)
+
+
+def test_podman_multiarch_layout_takes_the_hosts_platform(hpcrun_bin, podman, tmp_path):
+    files = {"Containerfile": 'FROM scratch\nADD busybox /bin/busybox\nADD which /which\n'
+                              'ENTRYPOINT ["/bin/busybox", "cat", "/which"]\n'}
+    podman("manifest", "create", "multi")
+    for plat in (OTHER, HOST):                       # the other platform first, as in the issue
+        name = "/".join(p for p in plat if p)
+        podman.build("w-" + plat[1], dict(files, which=plat[1] + "\n"), platform=name)
+        podman("manifest", "add", "multi", "containers-storage:localhost/w-" + plat[1])
+    layout = str(tmp_path / "multi")
+    podman("manifest", "push", "-q", "--all", "multi", "oci:" + layout)
+    want = podman.run("oci:" + layout)
+    assert want == HOST[1] + "\n"
+    out = str(tmp_path / "multi.img")
+    r = build(hpcrun_bin, out, "--from", layout)
+    assert r.returncode == 0, r.stderr
+    r = run([hpcrun_bin, "run", "--cleanenv", out])
+    assert (r.returncode, r.stdout) == (0, want), r.stderr
+    r = build(hpcrun_bin, out, "--from", layout, "--platform", "/".join(p for p in OTHER if p))
+    assert r.returncode == 0, r.stderr
+    r = run([hpcrun_bin, "--cleanenv", out, "/bin/busybox", "cat", "/which"])
+    assert r.stdout == OTHER[1] + "\n", r.stderr
