@@ -33,8 +33,8 @@ def describe(path, verify=False):
          "labels": meta.get("labels") or {}, "runscript": meta.get("runscript"),
          "env": meta.get("env") or [], "mpi": meta.get("mpi"), "build": meta.get("build"),
          "workdir": meta.get("workdir"), "image_user": meta.get("image_user")}
-    if img.kind == "hpcrun":
-        d["signatures"] = [sig.describe() for sig in _signatures(img)]
+    if img.kind in ("hpcrun", "sif"):
+        d["signatures"] = _signatures(img)
     if img.kind in ("squashfs", "sif"):
         d["note"] = "metadata of a %s image lives inside its filesystem; not read without mounting" % img.kind
     if verify and img.digest:
@@ -44,13 +44,17 @@ def describe(path, verify=False):
 
 
 def _signatures(img):
-    """The trailer's signatures, as claimed (hpcrun verify checks them)."""
+    """An hpcrun image's trailer signatures (hpcrun verify checks them) or a
+    SIF's signature objects, as claimed."""
     import os
-    from hpcrun import imagefile, signature
+    from hpcrun import imagefile, signature, sif
     fd = os.open(img.path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
-        return signature.read_signatures(img.path, fd, imagefile.read_header(img.path, fd, size), size)
+        if img.kind == "sif":
+            return sif.signatures(img.path, fd, size)
+        return [sig.describe() for sig in
+                signature.read_signatures(img.path, fd, imagefile.read_header(img.path, fd, size), size)]
     finally:
         os.close(fd)
 
@@ -95,11 +99,15 @@ def main(argv):
                                           else "claimed by the header, not checked; --verify checks it"))
     if d["pin"] and not d["pin"].startswith("sha256:"):
         out.append("pin:        %s (for --image-digest)" % d["pin"])
-    if d.get("signatures"):
+    if d.get("signatures") and d["format"] == "sif":
+        out.append("signed by:  (SIF signature objects, claimed, not checked)")
+        out += ["  %s %s (%s), signs %s" % (sg["kind"].upper(), ", ".join(sg["keys"]) or "(no key named)",
+                                            sg["hash"], sg["signs"]) for sg in d["signatures"]]
+    elif d.get("signatures"):
         out.append("signed by:  (claimed, not checked; hpcrun verify checks them)")
         out += ["  %s (%s %s)" % (sg["signer_claimed"] or "no name given", sg["key_type"], sg["fingerprint"])
                 for sg in d["signatures"]]
-    elif d["format"] == "hpcrun":
+    elif d["format"] in ("hpcrun", "sif"):
         out.append("signed by:  (not signed)")
     if d.get("note"):
         out.append("note:       %s" % d["note"])

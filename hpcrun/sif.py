@@ -2,6 +2,8 @@
 
 We use the primary system partition (a SquashFS) in place, at its offset;
 nothing else in the file (signatures, deffile, OCI blobs) is needed to run.
+`inspect` lists the signature objects (signatures(): PGP or DSSE, the key that
+claims to have signed, what they sign) without checking them.
 Layout from apptainer/sif v2 (pkg/sif): a fixed little-endian header, then
 DescriptorsTotal descriptors of 585 bytes each.
 """
@@ -16,6 +18,10 @@ _DESCR = struct.Struct("<iBIIIqqqqqqq128s384s")
 _PARTITION = struct.Struct("<ii3s")
 
 DATA_PARTITION = 0x4004
+DATA_SIGNATURE = 0x4005
+GROUP_MASK = 0xf0000000
+HASH_NAMES = {1: "sha256", 2: "sha384", 3: "sha512", 4: "blake2s-256", 5: "blake2b-256"}
+SIGNATURE_MAX = 1 << 20
 FS_SQUASH = 1
 PART_PRIMSYS = 2
 FS_NAMES = {1: "squashfs", 2: "ext3", 3: "immutable object", 4: "raw", 5: "encrypted squashfs"}
@@ -25,8 +31,8 @@ def is_sif(first_bytes):
     return first_bytes[32:42] == MAGIC
 
 
-def primary_partition(path, fd, file_size):
-    """Return (offset, size) of the primary SquashFS system partition."""
+def _descriptors(path, fd, file_size):
+    """The used descriptors, as _DESCR tuples."""
     head = os.pread(fd, _HEADER.size, 0)
     if len(head) < _HEADER.size:
         raise errors.Error(errors.DATA, "truncated SIF header", path)
@@ -38,11 +44,16 @@ def primary_partition(path, fd, file_size):
     if total < 0 or total > 100000 or descr_off < 0 or descr_off + total * _DESCR.size > file_size:
         raise errors.Error(errors.DATA, "corrupt SIF descriptor table", path)
     table = os.pread(fd, total * _DESCR.size, descr_off)
+    descriptors = (_DESCR.unpack_from(table, i * _DESCR.size) for i in range(total))
+    return [d for d in descriptors if d[1]]
+
+
+def primary_partition(path, fd, file_size):
+    """Return (offset, size) of the primary SquashFS system partition."""
     found = []
-    for i in range(total):
-        d = _DESCR.unpack_from(table, i * _DESCR.size)
-        dtype, used, offset, size, extra = d[0], d[1], d[5], d[6], d[13]
-        if not used or dtype != DATA_PARTITION:
+    for d in _descriptors(path, fd, file_size):
+        dtype, offset, size, extra = d[0], d[5], d[6], d[13]
+        if dtype != DATA_PARTITION:
             continue
         fstype, parttype, _arch = _PARTITION.unpack_from(extra)
         if parttype == PART_PRIMSYS:
@@ -59,3 +70,35 @@ def primary_partition(path, fd, file_size):
     if os.pread(fd, 4, offset) != b"hsqs":
         raise errors.Error(errors.DATA, "corrupt SIF: no SquashFS at partition offset %d" % offset, path)
     return offset, size
+
+
+def signatures(path, fd, file_size):
+    """The SIF's signature objects, as claimed: [{kind: pgp|dsse|unknown,
+    hash, signs, keys}].  keys: the PGP key fingerprint the descriptor names,
+    or the DSSE envelope's keyids.  Nothing is verified here."""
+    import json
+    out = []
+    for d in _descriptors(path, fd, file_size):
+        if d[0] != DATA_SIGNATURE:
+            continue
+        linked, offset, size, extra = d[4], d[5], d[6], d[13]
+        hash_type = int.from_bytes(extra[:4], "little")
+        entity = extra[4:24]
+        sig = {"kind": "unknown", "hash": HASH_NAMES.get(hash_type, "type %d" % hash_type),
+               "signs": ("object group %d" % (linked & ~GROUP_MASK)) if linked & GROUP_MASK
+               else "object %d" % linked, "keys": []}
+        data = os.pread(fd, size, offset) if 0 < size <= SIGNATURE_MAX and offset + size <= file_size else b""
+        if data.startswith(b"-----BEGIN PGP SIGNED MESSAGE-----"):
+            sig["kind"] = "pgp"
+            if any(entity):
+                sig["keys"] = [entity.hex().upper()]
+        elif data.startswith(b"{"):
+            try:
+                envelope = json.loads(data)
+                sig["kind"] = "dsse"
+                sig["payload_type"] = envelope.get("payloadType")
+                sig["keys"] = [str(s.get("keyid")) for s in envelope.get("signatures", []) if isinstance(s, dict)]
+            except (ValueError, AttributeError):
+                pass
+        out.append(sig)
+    return out

@@ -41,7 +41,8 @@ class Signature:
     __slots__ = ("armored", "claimed", "key_type", "fingerprint")
 
     def describe(self):
-        return {"signer_claimed": self.claimed, "key_type": self.key_type, "fingerprint": self.fingerprint}
+        return {"kind": "ssh", "signer_claimed": self.claimed, "key_type": self.key_type,
+                "fingerprint": self.fingerprint}
 
 
 def message(h):

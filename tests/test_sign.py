@@ -297,3 +297,27 @@ def test_policy_as_root(hpcrun_bin, keys, image, shared_dir):
     assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
     assert run("verify", image).returncode == 0            # verify's default: the config's allowed_signers
     shutil.rmtree(d)
+
+
+# ------------------------------------------------ Apptainer's signed SIFs ---
+
+SIF_DIR = "/work/shared/data/sif"
+
+
+@pytest.mark.skipif(not os.path.isdir(SIF_DIR), reason="no SIF examples")
+@pytest.mark.parametrize("name,kind,keys", [
+    ("one-group-signed-pgp.sif", "pgp", ["12045C8C0B1004D058DE4BEDA20C27EE7FF7BA84"]),
+    ("one-group-signed-dsse.sif", "dsse", ["SHA256:x6l8ZblpSSXGaPMCzySedWg88BwIFcz8jlPb6el0mFs",
+                                           "SHA256:BhCwr7qZulYcOMSl2Jt2DuYHxHNnN6th4NdMqR/PGa4"]),
+    ("one-group.sif", None, None)])
+def test_inspect_lists_sif_signatures(as_user, name, kind, keys):
+    path = os.path.join(SIF_DIR, name)
+    r = hpcrun(as_user, "inspect", "--json", path)
+    assert r.returncode == 0, r.stderr
+    sigs = json.loads(r.stdout)["signatures"]
+    text = hpcrun(as_user, "inspect", path).stdout
+    if kind is None:
+        assert sigs == [] and "(not signed)" in text
+        return
+    assert [(s["kind"], s["keys"], s["hash"], s["signs"]) for s in sigs] == [(kind, keys, "sha256", "object group 1")]
+    assert "claimed, not checked" in text and keys[0] in text
