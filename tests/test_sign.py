@@ -321,3 +321,13 @@ def test_inspect_lists_sif_signatures(as_user, name, kind, keys):
         return
     assert [(s["kind"], s["keys"], s["hash"], s["signs"]) for s in sigs] == [(kind, keys, "sha256", "object group 1")]
     assert "claimed, not checked" in text and keys[0] in text
+
+
+def test_signing_keeps_a_submission_pin(as_user, keys, image):
+    # a job pinned at submission (--image-digest: the header's sha256) still
+    # runs after the image was signed: signing appends, the header stays
+    pin = json.loads(hpcrun(as_user, "inspect", "--json", image).stdout)["pin"]
+    sign(as_user, keys, image)
+    assert json.loads(hpcrun(as_user, "inspect", "--json", image).stdout)["pin"] == pin
+    r = hpcrun(as_user, "--image-digest", pin, image, "echo", "ok", env={"HPCRUN_LINGER": "0"})
+    assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
