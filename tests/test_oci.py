@@ -440,3 +440,41 @@ def test_podman_multiarch_layout_takes_the_hosts_platform(hpcrun_bin, podman, tm
     assert r.returncode == 0, r.stderr
     r = run([hpcrun_bin, "--cleanenv", out, "/bin/busybox", "cat", "/which"])
     assert r.stdout == OTHER[1] + "\n", r.stderr
+
+
+# ---------------------------------------------------------------- corrupt indexes
+
+def test_layout_of_several_images_without_platform_is_65(hpcrun_bin, tmp_path, tmpdir_env):
+    # Two tags in one layout (skopeo copy ... oci:DIR:a, then oci:DIR:b): podman asks which; so does hpcrun.
+    env, tmp = tmpdir_env
+    lay = Layout(str(tmp_path / "oci"))
+    descs = []
+    for ref in ("a", "b"):
+        d = lay.image([busybox_layer()], {"Env": ["PATH=/bin"]}, HOST[1], variant=HOST[2] or None)
+        del d["platform"]
+        d["annotations"] = {"org.opencontainers.image.ref.name": ref}
+        descs.append(d)
+    lay.index(descs)
+    out = str(tmp_path / "x.img")
+    r = build(hpcrun_bin, out, "--from", lay.path, env=env)
+    one_error_line(r, 65, "the layout holds 2 images (a, b)")
+    assert not os.path.exists(out) and os.listdir(str(tmp)) == []
+
+
+@pytest.mark.parametrize("bad", ["path-digest", "not-a-list", "not-an-object"])
+def test_hostile_index_is_one_line_65(hpcrun_bin, tmp_path, bad):
+    lay = Layout(str(tmp_path / "oci"))
+    desc = lay.image([busybox_layer()], {"Env": ["PATH=/bin"]}, HOST[1], variant=HOST[2] or None)
+    if bad == "path-digest":          # a digest is a blob's name, never a path to follow
+        desc["digest"] = "sha256:../../../../etc/passwd"
+        manifests = [desc, desc]
+    elif bad == "not-a-list":
+        manifests = {"x": desc}
+    else:
+        manifests = ["x", desc]
+    lay.index(manifests)
+    out = str(tmp_path / "x.img")
+    r = build(hpcrun_bin, out, "--from", lay.path)
+    assert r.returncode == 65, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not os.path.exists(out)

@@ -191,7 +191,7 @@ def _archive(path, tree, log, platform):
             if "oci-layout" in names or "index.json" in names:
                 read = lambda name: _member(outer, name)        # noqa: E731
                 return _oci(read, tree, path, log, platform)
-    except (tarfile.TarError, EOFError, KeyError, ValueError, IndexError, AttributeError) as e:
+    except (tarfile.TarError, EOFError, KeyError, ValueError, IndexError, AttributeError, TypeError) as e:
         raise errors.Error(errors.DATA, "truncated or corrupt archive: %s" % _why(e), path)
     raise errors.Error(errors.DATA, "archive is neither a docker save tarball nor an OCI image layout", path)
 
@@ -218,7 +218,7 @@ def _oci_dir(path, tree, log, platform):
         return f
     try:
         return _oci(read, tree, path, log, platform)
-    except (tarfile.TarError, EOFError, KeyError, ValueError, IndexError) as e:
+    except (tarfile.TarError, EOFError, KeyError, ValueError, IndexError, AttributeError, TypeError) as e:
         raise errors.Error(errors.DATA, "truncated or corrupt OCI layout: %s" % _why(e), path)
 
 
@@ -287,6 +287,11 @@ def _choose(descriptors, platform, path):
         # The wanted variant, stated, before one that states none.
         exact.sort(key=lambda d: (d["platform"].get("variant") or "") != want[2])
         return exact[0]
+    if not with_platform:
+        refs = [str((d.get("annotations") or {}).get("org.opencontainers.image.ref.name", "?")) for d in descriptors]
+        raise errors.Error(errors.DATA, "the layout holds %d images (%s) and says no platform for them: copy the one "
+                           "you want into a layout of its own (skopeo copy oci:DIR:REF oci:NEW)"
+                           % (len(descriptors), ", ".join(refs)), path)
     have = sorted({_platform_name((d["platform"].get("os"), d["platform"].get("architecture"),
                                    d["platform"].get("variant")))
                    for d in with_platform if d["platform"].get("os") != "unknown"})
