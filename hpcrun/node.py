@@ -304,8 +304,12 @@ def _build(plan, cfg, dir_fd, run_dir, proc_fd):
     from hpcrun import linux, rootfs, stage
     if cfg.getbool("require_signature"):
         # Site policy, once per keeper (node, image identity, mount plan), before any mount.
+        # A payload that will be staged is hashed as it is copied: not read twice.
         from hpcrun import signature
-        signature.enforce(plan["image"], cfg)
+        how = stage.strategy(plan)
+        staged = bool(plan["image"].get("offset")) and (
+            how == "extract" or (how == "fuse" and not stage.squashfuse_has_offset()))
+        signature.enforce(plan["image"], cfg, payload_checked_later=staged)
     uid, gid = plan["uid"], plan["gid"]
     ws = os.path.join(run_dir, plan["key"] + ".d")
     try:

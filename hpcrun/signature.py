@@ -191,9 +191,10 @@ def _why_not_allowed(err):
     return "key not in allowed_signers"
 
 
-def verify_image(path, allowed_signers, expect_ident=None):
-    """Verify the image at path: header, payload digest, then signatures.
-    Returns (header, results).  Raises 65 for a corrupt or changed image."""
+def verify_image(path, allowed_signers, expect_ident=None, check_payload=True):
+    """Verify the image at path: header, payload digest (unless the caller
+    checks it later, as staging does), then signatures.  Returns (header,
+    results).  Raises 65 for a corrupt or changed image."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -201,7 +202,8 @@ def verify_image(path, allowed_signers, expect_ident=None):
             raise errors.Error(errors.DATA, "image changed while its container was being started", path)
         h = imagefile.read_header(path, fd, st.st_size)
         sigs = read_signatures(path, fd, h, st.st_size)
-        payload_digest(path, fd, h)
+        if check_payload:
+            payload_digest(path, fd, h)
         results = check_signatures(sigs, message(h), allowed_signers) if sigs else []
         return h, results
     finally:
@@ -221,10 +223,12 @@ def check_allowed_signers(path, site):
                            "writable (a user could add a key)", path)
 
 
-def enforce(img, cfg):
+def enforce(img, cfg, payload_checked_later=False):
     """The site's policy (require_signature = yes), once per node and image
     (the keeper): an image with no signature from an allowed, valid key is
-    refused (77) before anything is mounted."""
+    refused (77) before anything is mounted.  payload_checked_later: the
+    payload will be staged, and staging checks it against the same header
+    sha256 (65 on a mismatch) before it is mounted."""
     allowed = cfg.get("allowed_signers")
     if not allowed:
         raise errors.Error(errors.CONFIG, "require_signature = yes needs allowed_signers = FILE in the config")
@@ -232,7 +236,7 @@ def enforce(img, cfg):
     if img["kind"] != "hpcrun":
         raise errors.Error(errors.NOPERM, "this site requires signed images; a %s image carries no hpcrun "
                            "signature (hpcrun build it, then hpcrun sign)" % img["kind"], img["path"])
-    _, results = verify_image(img["path"], allowed, img["ident"])
+    _, results = verify_image(img["path"], allowed, img["ident"], check_payload=not payload_checked_later)
     if not results:
         raise errors.Error(errors.NOPERM, "this site requires signed images; this one is not signed "
                            "(hpcrun sign)", img["path"])
