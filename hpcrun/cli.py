@@ -15,6 +15,7 @@ usage: hpcrun [options] IMAGE COMMAND [ARGS...]
        hpcrun run [options] IMAGE [ARGS...]        run the image's runscript
        hpcrun shell [options] IMAGE                 an interactive shell inside
        hpcrun inspect [--json] IMAGE                what an image holds
+       hpcrun run-help IMAGE                        the image's help (a SIF's %help)
        hpcrun check [IMAGE]                         will a launch work here?
        hpcrun build OUT.img SPEC | --from SOURCE    make an image
        hpcrun sign [-k KEY] IMAGE                   add an OpenSSH signature
@@ -22,9 +23,9 @@ usage: hpcrun [options] IMAGE COMMAND [ARGS...]
        hpcrun version
 
 options (before IMAGE):
-  -B, --bind SRC[:DST[:ro|rw]]   bind a host path (repeatable, comma lists; also HPCRUN_BIND)
+  -B, --bind SRC[:DST[:ro|rw]]   bind a host path (repeatable, comma lists; also HPCRUN_BIND, APPTAINER_BIND)
       --pwd DIR                  working directory inside (default: the current one)
-      --env NAME=VALUE           set a variable inside (repeatable; also HPCRUN_ENV_NAME=VALUE)
+      --env NAME=VALUE           set a variable inside (repeatable; also HPCRUN_ENV_NAME=VALUE, APPTAINERENV_NAME)
       --env-file FILE            NAME=VALUE lines to set inside
       --cleanenv                 pass only a minimal environment (launcher wiring kept)
       --no-home                  do not bind $HOME
@@ -40,7 +41,7 @@ options (before IMAGE):
 Exit codes: docs/exit-codes.md."""
 
 SUBCOMMANDS = ("exec", "run", "shell", "inspect", "check", "build", "sign", "verify", "version", "task-entry",
-               "help")
+               "help", "run-help")
 _WITH_VALUE = {"-B": "binds", "--bind": "binds", "--pwd": "pwd", "--env": "env", "--env-file": "env_files",
                "--mpi": "mpi", "--image-digest": "image_digest"}
 _FLAGS = {"--cleanenv": "cleanenv", "--no-home": "no_home", "--dry-run": "dry_run", "-v": "verbose",
@@ -193,3 +194,20 @@ def _sub(name, argv):
             raise
         raise errors.Error(errors.USAGE, "this hpcrun has no '%s' command" % name)
     return mod.main(argv)
+
+
+def run_singularity(argv=None):
+    """`run-singularity IMAGE [ARGS...]`: what a SIF's first line
+    (`#!/usr/bin/env run-singularity`) calls.  A real Apptainer or
+    Singularity on PATH does the work (never shadowed); only where neither is
+    installed does hpcrun run the image."""
+    argv = sys.argv[1:] if argv is None else argv
+    for name in ("apptainer", "singularity"):
+        for d in os.environ.get("PATH", "").split(":"):
+            exe = os.path.join(d or ".", name)
+            if os.path.isfile(exe) and os.access(exe, os.X_OK):
+                os.execv(exe, [name, "run"] + argv)
+    if not argv:
+        sys.stderr.write("usage: run-singularity IMAGE [ARGS...]\n")
+        return errors.USAGE
+    return main(["run", "--"] + argv) if argv[0].startswith("-") else main(["run"] + argv)

@@ -1,8 +1,10 @@
 """hpcrun inspect [--json] IMAGE: what an image is, without mounting it.
 
 hpcrun images carry their metadata in the header, directories in
-/.hpcrun/image.json; for plain SquashFS and SIF files the metadata is inside
-the filesystem, and inspect says so instead of mounting.
+/.hpcrun/image.json, SIF files in their own metadata objects (labels,
+runscript, %environment, help, definition file: what `apptainer inspect
+--all` shows, under "apptainer"); for plain SquashFS files the metadata is
+inside the filesystem, and inspect says so instead of mounting.
 
 Signatures (hpcrun sign) are listed with the key that made them and the
 name the signer gave, as claimed: hpcrun verify checks them.
@@ -35,8 +37,13 @@ def describe(path, verify=False):
          "workdir": meta.get("workdir"), "image_user": meta.get("image_user")}
     if img.kind in ("hpcrun", "sif"):
         d["signatures"] = _signatures(img)
-    if img.kind in ("squashfs", "sif"):
+    if img.kind == "squashfs":
         d["note"] = "metadata of a %s image lives inside its filesystem; not read without mounting" % img.kind
+    if img.kind == "sif":
+        from hpcrun import sif
+        a = sif.metadata(img.path)
+        d["apptainer"] = a
+        d["labels"] = d["labels"] or a.get("labels") or {}
     if verify and img.digest:
         verify_payload(img)
         d["sha256_verified"] = True
@@ -111,7 +118,8 @@ def main(argv):
         out.append("signed by:  (not signed)")
     if d.get("note"):
         out.append("note:       %s" % d["note"])
-    out.append("runscript:  %s" % (" ".join(d["runscript"]) if d["runscript"] else "(none)"))
+    if d["runscript"] or not (d.get("apptainer") or {}).get("runscript"):
+        out.append("runscript:  %s" % (" ".join(d["runscript"]) if d["runscript"] else "(none)"))
     if d.get("workdir"):
         out.append("workdir:    %s (hpcrun run starts there)" % d["workdir"])
     if d.get("image_user"):
@@ -122,6 +130,16 @@ def main(argv):
     if d["env"]:
         out.append("environment:")
         out += ["  %s=%s" % (k, v) for k, v in d["env"]]
+    a = d.get("apptainer")
+    if a is not None:
+        for key, title in (("runscript", "apptainer runscript"), ("helpfile", "apptainer help"),
+                           ("test", "apptainer test"), ("deffile", "definition file")):
+            if a.get(key):
+                out.append("%s:" % title)
+                out += ["  | " + line for line in a[key].rstrip("\n").splitlines()]
+        for script, text in sorted(a.get("environment", {}).items()):
+            out.append("apptainer environment (%s):" % script)
+            out += ["  | " + line for line in text.rstrip("\n").splitlines()]
     m = d["mpi"]
     if m:
         out.append("MPI ABI:    %s %s (%s); programs: %s" % (m.get("flavor"), m.get("version", "?"),

@@ -9,9 +9,12 @@ Order (later wins):
      ~/.local is visible through $HOME and would shadow the image's modules).
   3. the image's /.hpcrun/env
   4. /.hpcrun/launch.env, written by the node's keeper (host MPI / GPU library paths)
-  5. HPCRUN_ENV_<NAME> variables, --env-file files, --env options.
+  5. SINGULARITYENV_<NAME>, then APPTAINERENV_<NAME> (Apptainer's forms),
+     HPCRUN_ENV_<NAME> variables, --env-file files, --env options.
 Steps 1, 2 and 5 are computed on the host (and shown by --dry-run); 3 and 4
-are read inside the container, just before exec.
+are read inside the container, just before exec.  An Apptainer image's
+%environment (/.singularity.d/env/*.sh) is sourced by the container's own
+/bin/sh between 4 and 5 (launch.apptainer_argv), never by hpcrun.
 """
 import os
 
@@ -20,7 +23,10 @@ DENY = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "LD_DEBUG", "PYTHONPATH", "
         "LUA_PATH", "LUA_CPATH", "R_LIBS", "R_LIBS_USER", "CLASSPATH", "BASH_ENV", "ENV",
         "MODULEPATH", "LOADEDMODULES", "_LMFILES_", "MODULESHOME", "LMOD_CMD", "PKG_CONFIG_PATH",
         "CPATH", "LIBRARY_PATH", "MANPATH", "INFOPATH", "CONDA_PREFIX", "VIRTUAL_ENV")
-DENY_PREFIXES = ("BASH_FUNC_", "__LMOD", "_ModuleTable", "HPCRUN_ENV_", "HPCRUN_TASK_")
+DENY_PREFIXES = ("BASH_FUNC_", "__LMOD", "_ModuleTable", "HPCRUN_ENV_", "HPCRUN_TASK_", "APPTAINERENV_",
+                 "SINGULARITYENV_")
+# Settings for the inside, in increasing precedence: not passed on as themselves.
+USER_PREFIXES = ("SINGULARITYENV_", "APPTAINERENV_", "HPCRUN_ENV_")
 KEEP_CLEAN = ("HOME", "USER", "LOGNAME", "TERM", "LANG", "TZ", "DISPLAY", "SHELL", "HOSTNAME",
               "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 # Launcher, fabric, GPU and threading wiring: survives --cleanenv (and is
@@ -38,7 +44,7 @@ def host_part(environ, cleanenv, extra_env, env_files):
     env, dropped = {}, []
     for k, v in environ.items():
         if k in DENY or k.startswith(DENY_PREFIXES):
-            if not k.startswith(("HPCRUN_ENV_", "HPCRUN_TASK_")):
+            if not k.startswith(USER_PREFIXES + ("HPCRUN_TASK_",)):
                 dropped.append(k)
             continue
         if cleanenv and not (k in KEEP_CLEAN or k.startswith(WIRING_PREFIXES)):
@@ -51,9 +57,10 @@ def host_part(environ, cleanenv, extra_env, env_files):
     env["PATH"] = DEFAULT_PATH
     env["PYTHONNOUSERSITE"] = "1"
     user = []
-    for k, v in environ.items():
-        if k.startswith("HPCRUN_ENV_") and len(k) > 11:
-            user.append((k[11:], v))
+    for prefix in USER_PREFIXES:
+        for k, v in environ.items():
+            if k.startswith(prefix) and len(k) > len(prefix):
+                user.append((k[len(prefix):], v))
     for path in env_files:
         user.extend(read_env_file(path))
     user.extend(extra_env)

@@ -59,7 +59,8 @@ def dry_run(plan, img):
     out["stage"] = {"strategy": stage.strategy(plan)}
     env = out.pop("env")
     out["env"] = {"set": env["base"], "user": dict(env["user"]), "dropped": env["dropped"],
-                  "then_inside": ["/.hpcrun/env", "/.hpcrun/launch.env"]}
+                  "then_inside": ["/.hpcrun/env", "/.hpcrun/launch.env"]
+                  + (["/.singularity.d/env/*.sh (the container's /bin/sh)"] if img.kind == "sif" else [])}
     json.dump(out, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
     return 0
@@ -76,17 +77,87 @@ def image_json():
     return meta if isinstance(meta, dict) else {}
 
 
+# Apptainer's environment, as its action scripts apply it: the image's
+# /.singularity.d/env/*.sh sourced in glob (C locale) order by the container's
+# /bin/sh, then what the user asked for (APPTAINERENV_*, --env ...) wins again,
+# the host wiring's LD_LIBRARY_PATH stays in front, and the command is exec'd
+# (same PID).  Data never becomes script text, and values travel in the
+# environment (_HPCRUN_ENV_<i>), not in argv, which any user may read in ps:
+#   sh -c SCRIPT hpcrun LD_LIBRARY_PATH N NAME1 ... NAMEn CMD ARGS...
+APPTAINER_SH = """\
+_hpcrun_ld=$1; _hpcrun_n=$2; shift 2
+for _hpcrun_f in /.singularity.d/env/*.sh; do
+    if [ -f "$_hpcrun_f" ] && [ -r "$_hpcrun_f" ]; then . "$_hpcrun_f"; fi
+done
+_hpcrun_i=0
+while [ "$_hpcrun_i" -lt "$_hpcrun_n" ]; do
+    eval "export $1=\\"\\$_HPCRUN_ENV_$_hpcrun_i\\"; unset _HPCRUN_ENV_$_hpcrun_i"
+    shift; _hpcrun_i=$((_hpcrun_i + 1))
+done
+if [ -n "$_hpcrun_ld" ]; then
+    case ":${LD_LIBRARY_PATH:-}:" in
+        *":$_hpcrun_ld:"*) ;;
+        *) export LD_LIBRARY_PATH="$_hpcrun_ld${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
+    esac
+fi
+unset _hpcrun_ld _hpcrun_n _hpcrun_f _hpcrun_i
+if ! command -v -- "$1" >/dev/null 2>&1; then
+    printf 'hpcrun: error: command not found in the image (%s)\\n' "$1" >&2
+    exit 127
+fi
+exec "$@"
+"""
+
+
+def is_apptainer(plan):
+    """A SIF, or a sandbox/SquashFS that Apptainer built: its /.singularity.d decides."""
+    kind = plan["image"]["kind"]
+    return kind == "sif" or (kind != "hpcrun" and os.path.isdir("/.singularity.d"))
+
+
+def env_scripts():
+    try:
+        return [n for n in os.listdir("/.singularity.d/env") if n.endswith(".sh")]
+    except OSError:
+        return []
+
+
+def apptainer_argv(argv, plan, env):
+    # Only names a script can set need setting again (valid_name: safe in eval).
+    user = []
+    for name, _ in plan["env"]["user"]:
+        if name in env and name not in user and environment.valid_name(name):
+            user.append(name)
+    for i, name in enumerate(user):
+        env["_HPCRUN_ENV_%d" % i] = env[name]
+    return ["/bin/sh", "-c", APPTAINER_SH, "hpcrun", env.get("LD_LIBRARY_PATH", ""), str(len(user))] + user + argv
+
+
 def command(plan, env, meta=None):
     """The argv to exec, with argv[0] resolved inside the container."""
     argv = list(plan["argv"])
+    apptainer = is_apptainer(plan)
     if plan["runscript"]:
         if os.access("/.hpcrun/runscript", os.X_OK):
             argv = ["/.hpcrun/runscript"] + argv
+        elif apptainer and os.path.isfile("/.singularity.d/runscript"):
+            # Apptainer's `run`: the runscript (a /bin/sh script it wrote from %runscript)
+            rs = "/.singularity.d/runscript"
+            argv = ([rs] if os.access(rs, os.X_OK) else ["/bin/sh", rs]) + argv
         else:
             rs = (meta if meta is not None else image_json()).get("runscript")
             if not rs:
                 raise errors.Error(errors.NOTFOUND, "image has no runscript", plan["image"]["path"])
             argv = (rs if isinstance(rs, list) else [rs]) + argv
+    if apptainer and env_scripts():
+        if os.access("/bin/sh", os.X_OK):
+            # the program is looked up on the PATH the env scripts leave, by the shell
+            argv = apptainer_argv(argv, plan, env)
+        else:
+            # (Apptainer sources them with a shell built into its runtime; hpcrun
+            # runs no image code in its own process, so it needs the image's)
+            sys.stderr.write("hpcrun: warning: the image has no /bin/sh to source its environment scripts "
+                             "(/.singularity.d/env); running without them\n")
     name = argv[0]
     argv[0] = find_command(name, env.get("PATH", environment.DEFAULT_PATH))
     return argv

@@ -135,7 +135,8 @@ def build(opts, img, cfg, environ):
             if not _covered(b["src"], binds.items):
                 binds.add(b, check=False, required=False)
 
-    user_specs = split_binds([environ["HPCRUN_BIND"]] if environ.get("HPCRUN_BIND") else []) + opts.binds
+    user_specs = split_binds([environ[n] for n in (apptainer_bind_var(environ), "HPCRUN_BIND")
+                              if n and environ.get(n)]) + opts.binds
     if user_specs and not cfg.getbool("allow_user_binds", True):
         raise errors.Error(errors.NOPERM, "user binds are disabled by the site configuration", user_specs[0])
     for spec in user_specs:
@@ -154,6 +155,11 @@ def build(opts, img, cfg, environ):
 
     base, dropped, user_env = environment.host_part(environ, opts.cleanenv, opts.env, opts.env_files)
     base["HPCRUN_CONTAINER"] = img.path
+    if img.kind == "sif":
+        # what Apptainer sets inside; scripts test them to know they run in a container
+        name = os.path.basename(img.path)
+        base.update(APPTAINER_CONTAINER=img.path, SINGULARITY_CONTAINER=img.path,
+                    APPTAINER_NAME=name, SINGULARITY_NAME=name)
     base.setdefault("HOME", home)
 
     nv = gpu_wanted(opts.nv, environ, cfg, "nv")
@@ -178,6 +184,15 @@ def build(opts, img, cfg, environ):
     }
     plan["key"] = key(plan, cfg)
     return plan
+
+
+def apptainer_bind_var(environ):
+    """The one Apptainer bind variable that counts, as Apptainer picks it:
+    APPTAINER_BIND, else SINGULARITY_BIND (and their older *_BINDPATH forms)."""
+    for n in ("APPTAINER_BIND", "APPTAINER_BINDPATH", "SINGULARITY_BIND", "SINGULARITY_BINDPATH"):
+        if environ.get(n):
+            return n
+    return None
 
 
 def key(plan, cfg=None):

@@ -3,7 +3,11 @@
 We use the primary system partition (a SquashFS) in place, at its offset;
 nothing else in the file (signatures, deffile, OCI blobs) is needed to run.
 `inspect` lists the signature objects (signatures(): PGP or DSSE, the key that
-claims to have signed, what they sign) without checking them.
+claims to have signed, what they sign) without checking them, and shows the
+metadata `apptainer inspect` shows (metadata()): Apptainer's build stores it
+as a generic JSON object named inspect-metadata.json ({"data": {"attributes":
+{"labels", "environment", "runscript", "helpfile", "deffile", ...}}, "type":
+"container"}), and the definition file as a Def.FILE object.
 Layout from apptainer/sif v2 (pkg/sif): a fixed little-endian header, then
 DescriptorsTotal descriptors of 585 bytes each.
 """
@@ -17,8 +21,13 @@ _HEADER = struct.Struct("<32s10s3s3s16s8q")
 _DESCR = struct.Struct("<iBIIIqqqqqqq128s384s")
 _PARTITION = struct.Struct("<ii3s")
 
+DATA_DEFFILE = 0x4001
+DATA_LABELS = 0x4003
 DATA_PARTITION = 0x4004
 DATA_SIGNATURE = 0x4005
+DATA_GENERIC_JSON = 0x4006
+INSPECT_METADATA = "inspect-metadata.json"
+METADATA_LIMIT = 16 << 20          # a metadata object larger than this is not read
 GROUP_MASK = 0xf0000000
 HASH_NAMES = {1: "sha256", 2: "sha384", 3: "sha512", 4: "blake2s-256", 5: "blake2b-256"}
 SIGNATURE_MAX = 1 << 20
@@ -101,4 +110,55 @@ def signatures(path, fd, file_size):
             except (ValueError, AttributeError):
                 pass
         out.append(sig)
+    return out
+
+
+def metadata(path):
+    """What `apptainer inspect --all` shows, from the SIF's objects, without
+    mounting: {"labels": {}, "environment": {script path: text}, "runscript",
+    "helpfile", "deffile", "test", "startscript"} (absent keys: not recorded).
+    A metadata object that is not valid JSON is error 65."""
+    import json
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        objects = [(d[0], d[5], d[6], d[12].split(b"\0", 1)[0].decode("utf-8", "replace"))
+                   for d in _descriptors(path, fd, size)]
+
+        def read(offset, length, what):
+            if offset < 0 or length < 0 or offset + length > size:
+                raise errors.Error(errors.DATA, "truncated SIF: %s object beyond the end of the file" % what, path)
+            if length > METADATA_LIMIT:
+                raise errors.Error(errors.DATA, "SIF %s object too large (%d bytes)" % (what, length), path)
+            return os.pread(fd, length, offset)
+
+        attrs = {}
+        for dtype, offset, length, name in objects:
+            if dtype == DATA_GENERIC_JSON and name == INSPECT_METADATA:
+                try:
+                    doc = json.loads(read(offset, length, name).decode("utf-8"))
+                    a = doc.get("data", {}).get("attributes", {})
+                except (ValueError, AttributeError) as e:
+                    raise errors.Error(errors.DATA, "corrupt SIF: %s is not valid metadata JSON (%s)"
+                                       % (name, e), path)
+                if isinstance(a, dict):
+                    attrs.update(a)
+        for dtype, offset, length, name in objects:
+            if dtype == DATA_DEFFILE and not attrs.get("deffile"):
+                attrs["deffile"] = read(offset, length, "definition file").decode("utf-8", "replace")
+            elif dtype == DATA_LABELS and not attrs.get("labels"):
+                try:
+                    attrs["labels"] = json.loads(read(offset, length, "labels").decode("utf-8"))
+                except ValueError as e:
+                    raise errors.Error(errors.DATA, "corrupt SIF: labels object is not JSON (%s)" % e, path)
+    finally:
+        os.close(fd)
+    out = {}
+    for k in ("labels", "environment", "runscript", "helpfile", "deffile", "test", "startscript"):
+        v = attrs.get(k)
+        if k in ("labels", "environment"):
+            if isinstance(v, dict) and v:
+                out[k] = {str(a): str(b) for a, b in v.items()}
+        elif isinstance(v, str) and v:
+            out[k] = v
     return out
