@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 
 import pytest
 
@@ -207,14 +208,27 @@ def _keepers_of(path):
     return out
 
 
+def eventually(pred, timeout=30.0):
+    """A refusing keeper reports first, then removes what it made and exits."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _nothing_left(as_user, test_user, image, prefix):
     """No keeper, no run-dir entry of this image's key, no mount of it."""
     plan = json.loads(hpcrun(as_user, "--dry-run", image, "true", prefix=prefix).stdout)
     run_dir = "/tmp/hpcrun-%d" % test_user.pw_uid
-    left = [n for n in (os.listdir(run_dir) if os.path.isdir(run_dir) else []) if n.startswith(plan["key"])]
-    with open("/proc/self/mountinfo") as f:
-        mounts = [ln for ln in f if os.path.dirname(image) in ln]
-    return left == [] and mounts == [] and not _keepers_of(image)
+
+    def clean():
+        left = [n for n in (os.listdir(run_dir) if os.path.isdir(run_dir) else []) if n.startswith(plan["key"])]
+        with open("/proc/self/mountinfo") as f:
+            mounts = [ln for ln in f if os.path.dirname(image) in ln]
+        return left == [] and mounts == [] and not _keepers_of(image)
+    return eventually(clean)
 
 
 def test_policy_refuses_unsigned_unknown_revoked(as_user, test_user, keys, image, site_config):
@@ -296,6 +310,15 @@ def test_policy_as_root(hpcrun_bin, keys, image, shared_dir):
     r = run(image, "echo", "ok")
     assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
     assert run("verify", image).returncode == 0            # verify's default: the config's allowed_signers
+    # mounted in place, the keeper reads the payload itself
+    _, h = payload_bytes(image)
+    with open(image, "r+b") as f:
+        f.seek(h.offset + h.size - 100)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xff]))
+    assert_one_error(run(image, "true"), errors.DATA, "does not match its header")
+    assert eventually(lambda: not _keepers_of(image))
     shutil.rmtree(d)
 
 
