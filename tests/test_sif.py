@@ -322,3 +322,13 @@ def test_run_as_root(hpcrun_bin, app_sif):
                        env={"PATH": "/usr/bin:/bin", "HOME": "/root", "APPTAINERENV_GREETING": "root's"})
     assert r.returncode == 0, r.stderr
     assert lines(r) == ["runscript args: r", "greeting=root's", "argc=1"]
+
+
+def test_run_singularity_errors(as_user, sif_dir):
+    bindir = os.path.dirname(sys.executable)
+    env = {"PATH": bindir + ":/usr/bin:/bin"}
+    r = as_user(["run-singularity"], env=env)
+    assert r.returncode == errors.USAGE and r.stderr.startswith("usage: run-singularity")
+    r = as_user(["run-singularity", os.path.join(sif_dir, "no-such.sif")], env=env)
+    assert r.returncode == errors.NOINPUT
+    assert r.stderr.strip().startswith("hpcrun: error: image not found") and "Traceback" not in r.stderr
