@@ -60,7 +60,11 @@ def host_part(environ, cleanenv, extra_env, env_files):
     for prefix in USER_PREFIXES:
         for k, v in environ.items():
             if k.startswith(prefix) and len(k) > len(prefix):
-                user.append((k[len(prefix):], v))
+                name = k[len(prefix):]
+                # Apptainer's APPTAINERENV_PREPEND_PATH / _APPEND_PATH extend PATH
+                if name in ("PREPEND_PATH", "APPEND_PATH") and prefix != "HPCRUN_ENV_":
+                    name, v = "PATH", (v + ":${PATH}") if name == "PREPEND_PATH" else ("${PATH}:" + v)
+                user.append((name, v))
     for path in env_files:
         user.extend(read_env_file(path))
     user.extend(extra_env)
@@ -161,6 +165,7 @@ def final(plan):
     env = dict(plan["env"]["base"])
     apply_file(env, "/.hpcrun/env")
     apply_file(env, "/.hpcrun/launch.env")
+    plan["env"]["path_before_user"] = env.get("PATH", "")     # launch.apptainer_argv rebases on it
     for k, v in plan["env"]["user"]:
         env[k] = expand(v, env)
     if "LD_LIBRARY_PATH" in env:

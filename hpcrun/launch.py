@@ -81,14 +81,20 @@ def image_json():
 # /.singularity.d/env/*.sh sourced in glob (C locale) order by the container's
 # /bin/sh, then what the user asked for (APPTAINERENV_*, --env ...) wins again,
 # the host wiring's LD_LIBRARY_PATH stays in front, and the command is exec'd
-# (same PID).  Data never becomes script text, and values travel in the
-# environment (_HPCRUN_ENV_<i>), not in argv, which any user may read in ps:
+# (same PID).  A PATH the user extended (--env 'PATH=/x:$PATH',
+# APPTAINERENV_PREPEND_PATH) extends the PATH the scripts leave.  Data never
+# becomes script text, and values travel in the environment (_HPCRUN_ENV_<i>,
+# _HPCRUN_PATH_PRE/_POST), not in argv, which any user may read in ps:
 #   sh -c SCRIPT hpcrun LD_LIBRARY_PATH N NAME1 ... NAMEn CMD ARGS...
 APPTAINER_SH = """\
 _hpcrun_ld=$1; _hpcrun_n=$2; shift 2
 for _hpcrun_f in /.singularity.d/env/*.sh; do
     if [ -f "$_hpcrun_f" ] && [ -r "$_hpcrun_f" ]; then . "$_hpcrun_f"; fi
 done
+if [ -n "${_HPCRUN_PATH_PRE+x}" ]; then
+    export PATH="$_HPCRUN_PATH_PRE$PATH$_HPCRUN_PATH_POST"
+    unset _HPCRUN_PATH_PRE _HPCRUN_PATH_POST
+fi
 _hpcrun_i=0
 while [ "$_hpcrun_i" -lt "$_hpcrun_n" ]; do
     eval "export $1=\\"\\$_HPCRUN_ENV_$_hpcrun_i\\"; unset _HPCRUN_ENV_$_hpcrun_i"
@@ -128,6 +134,13 @@ def apptainer_argv(argv, plan, env):
     for name, _ in plan["env"]["user"]:
         if name in env and name not in user and environment.valid_name(name):
             user.append(name)
+    before = plan["env"].get("path_before_user")
+    if "PATH" in user and before and before in env["PATH"] and before != env["PATH"]:
+        # the user's PATH holds the one before it: put the same around the scripts' PATH
+        user.remove("PATH")
+        i = env["PATH"].index(before)
+        env["_HPCRUN_PATH_PRE"], env["_HPCRUN_PATH_POST"] = env["PATH"][:i], env["PATH"][i + len(before):]
+        env["PATH"] = before                 # what the scripts extend
     for i, name in enumerate(user):
         env["_HPCRUN_ENV_%d" % i] = env[name]
     return ["/bin/sh", "-c", APPTAINER_SH, "hpcrun", env.get("LD_LIBRARY_PATH", ""), str(len(user))] + user + argv

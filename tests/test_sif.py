@@ -189,6 +189,20 @@ def test_user_values_never_show_in_argv(as_user, hpcrun_bin, app_sif):
     assert not [x for x in out[2:] if x.startswith(("_HPCRUN_ENV_", "_hpcrun_", "APPTAINERENV_"))]
 
 
+def test_path_extended_by_the_user_extends_the_environments_path(as_user, hpcrun_bin, app_sif):
+    """APPTAINERENV_PREPEND_PATH / _APPEND_PATH and --env 'PATH=/x:$PATH' keep what
+    %environment put on PATH; a literal PATH replaces it."""
+    default = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    show = [app_sif, "sh", "-c", 'echo "$PATH"; mytool ok']
+    r = hp(as_user, hpcrun_bin, show, env={"APPTAINERENV_PREPEND_PATH": "/pre", "APPTAINERENV_APPEND_PATH": "/post"})
+    assert lines(r) == ["/pre:/opt/tools/bin:%s:/post" % default, "mytool ran with ok"], r.stderr
+    r = hp(as_user, hpcrun_bin, ["--env", "PATH=/x:$PATH"] + show)
+    assert lines(r) == ["/x:/opt/tools/bin:%s" % default, "mytool ran with ok"], r.stderr
+    r = hp(as_user, hpcrun_bin, ["--env", "PATH=/bin", app_sif, "sh", "-c", 'echo "$PATH"; env'])
+    assert lines(r)[0] == "/bin", r.stderr
+    assert not [x for x in lines(r) if x.startswith(("_HPCRUN", "PREPEND_PATH", "APPEND_PATH"))]
+
+
 def test_container_and_name_variables(as_user, hpcrun_bin, app_sif):
     r = hp(as_user, hpcrun_bin, [app_sif, "sh", "-c",
                                  'echo "$APPTAINER_CONTAINER|$SINGULARITY_CONTAINER|$APPTAINER_NAME|$SINGULARITY_NAME"'])
