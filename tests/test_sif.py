@@ -346,3 +346,26 @@ def test_run_singularity_errors(as_user, sif_dir):
     r = as_user(["run-singularity", os.path.join(sif_dir, "no-such.sif")], env=env)
     assert r.returncode == errors.NOINPUT
     assert r.stderr.strip().startswith("hpcrun: error: image not found") and "Traceback" not in r.stderr
+
+
+def test_host_wiring_stays_in_front_of_the_environments_library_path(hpcrun_bin, sif_dir):
+    """--nv's host libraries (launch.env) stay first on LD_LIBRARY_PATH even when
+    %environment sets it outright, so the host driver wins (fake driver of test_gpu)."""
+    if os.getuid() != 0:
+        pytest.skip("needs root (HPCRUN_CONF with GPU wiring is site configuration)")
+    from test_gpu import NVLIB, build_driver, _site_conf
+    d = os.path.join(sif_dir, "nv-driver")
+    values = build_driver(d)
+    conf = _site_conf(os.path.join(sif_dir, "nv.conf"), values)
+    root = os.path.join(sif_dir, "nv-root")
+    imagetools.make_busybox_root(root)
+    imagetools.add_host_program(root, "/bin/true")           # glibc, for the driver's glibc check
+    shutil.rmtree(os.path.join(root, ".hpcrun"))
+    siftools.apptainer_tree(root, env={"90-environment.sh": "export LD_LIBRARY_PATH=/opt/img/lib\n"})
+    img = siftools.apptainer_sif(os.path.join(sif_dir, "nv.sif"), root, "Bootstrap: scratch\n", {})
+    r = subprocess.run([hpcrun_bin, "--nv", img, "sh", "-c", 'echo "$LD_LIBRARY_PATH"'], capture_output=True,
+                       text=True, timeout=120, cwd="/",
+                       env={"PATH": "/usr/bin:/bin", "HOME": "/root", "HPCRUN_CONF": conf, "HPCRUN_LINGER": "0"})
+    assert r.returncode == 0, r.stderr
+    parts = r.stdout.strip().split(":")
+    assert parts[0] == NVLIB and "/opt/img/lib" in parts, r.stdout
