@@ -454,17 +454,23 @@ def test_mpi4py_own_suite_in_image(hpcrun_bin, mpi4py_suite, tmp_path):
     assert r.returncode == 0, r.stderr
     warnings = [l for l in r.stderr.splitlines() if l.startswith("hpcrun: warning:")]
     assert len(warnings) == 1 and "MPI.mpich" in warnings[0] and "libmpi.so.12" in warnings[0], r.stderr
-    assert os.listdir(tmp_path) == []                                    # no staging left behind
+    assert os.listdir(tmp_path) == []                                    # no staging left behind (checked before the runs)
     assert meta_of(img)["mpi"]["soname"] == "libmpi.so.40"
     mpirun = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2"]
     env["MPI4PY_TEST_SPAWN"] = "0"
-    native = run(mpirun + [sys.executable, "test/main.py"], env=env, cwd=mpi4py_suite, timeout=900)
-    inside = run(mpirun + [hpcrun_bin, "run", img], env=env, cwd=mpi4py_suite, timeout=900)
-    assert native.returncode == 0, native.stderr[-3000:]
-    assert inside.returncode == 0, inside.stderr[-3000:]
-    expected = _unittest_summary(native.stderr)
-    assert expected[0].startswith("Ran ") and expected[1].startswith("OK"), native.stderr[-2000:]
-    assert _unittest_summary(inside.stderr) == expected, inside.stderr[-3000:]
+    # Each rank's output to a file of its own: on the shared stderr the two
+    # ranks' summaries interleave mid-line ("OKRan 2127 tests").
+    summaries = []
+    for name, argv in (("native", [sys.executable, "test/main.py"]), ("inside", [hpcrun_bin, "run", img])):
+        out = os.path.join(str(tmp_path), name + ".out")
+        r = run(mpirun + ["--output-filename", out] + argv, env=env, cwd=mpi4py_suite, timeout=900)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+        for rank in (0, 1):
+            with open(os.path.join(out, "1", "rank.%d" % rank, "stderr")) as f:
+                summaries.append((name, rank, _unittest_summary(f.read())))
+    expected = summaries[0][2]
+    assert expected[0].startswith("Ran ") and expected[1].startswith("OK"), summaries
+    assert [s[2] for s in summaries] == [expected] * 4, summaries
 
 
 def test_exclude_section(hpcrun_bin, py_script):
