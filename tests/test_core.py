@@ -1275,7 +1275,8 @@ def _hpcrun_imports():
 # The node container's floors (docs/design.md): each may import only what is listed.
 FLOORS = {
     "join": {"errors", "fdio", "node", "rankcalls"},
-    "node": {"errors", "fdio", "linux", "stage", "rootfs", "mpi", "gpu", "plan"},
+    "node": {"errors", "fdio", "linux", "stage", "rootfs", "mpi", "gpu", "plan", "signature"},
+    "signature": {"errors", "imagefile"},
     "stage": {"errors", "fdio", "linux", "imagefile"},
     "imagefile": {"errors"},
     "rootfs": {"errors", "fdio", "linux"},
