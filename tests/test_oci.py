@@ -478,3 +478,16 @@ def test_hostile_index_is_one_line_65(hpcrun_bin, tmp_path, bad):
     assert r.returncode == 65, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not os.path.exists(out)
+
+
+def test_workdir_missing_in_the_image_is_66_and_pwd_wins(hpcrun_bin, tmp_path):
+    # An image.json workdir with no such directory (not what a build makes: a
+    # hand-made or altered image): `hpcrun run` does not start elsewhere silently.
+    from imagetools import make_busybox_root, make_image
+    root = str(tmp_path / "root")
+    make_busybox_root(root, runscript=["/bin/pwd"], extra_meta={"workdir": "/nope"})
+    out = make_image(root, str(tmp_path / "wd.img"))
+    r = run([hpcrun_bin, "run", "--cleanenv", out])
+    one_error_line(r, 66, "working directory not found in the container")
+    r = run([hpcrun_bin, "run", "--cleanenv", "--pwd", "/tmp", out])
+    assert (r.returncode, r.stdout) == (0, "/tmp\n"), r.stderr
