@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+import imagetools
 from testbed import pbs as testbed
 from testbed import pbs_demo
 
@@ -517,3 +518,89 @@ def test_accepted_images_are_logged_only_at_debug_level(pbs, test_user, work):
     finally:
         pbs.qmgr("unset server log_events")
         pbs.cmd(["qdel", jobid, jobid2])
+
+
+def _pinned_job(pbs, user, work, busybox_root, pin_line):
+    """qsub -h a job on pin.img (marker "first"), rebuild the image ("second") while it
+    is held, qrls it: (attrs, output, digest at submission, digest now)."""
+    root = os.path.join(work, "pin-root")
+    if not os.path.isdir(root):
+        shutil.copytree(busybox_root, root, symlinks=True)
+    img = os.path.join(work, "pin.img")
+
+    def build(marker):
+        os.makedirs(os.path.join(root, "etc"), exist_ok=True)
+        with open(os.path.join(root, "etc", "build-marker"), "w") as f:
+            f.write(marker + "\n")
+        imagetools.make_image(root, img)
+        from hpcrun import image
+        return image.open_image(img).pin
+    submitted = build("first")
+    out = os.path.join(work, "job.out")
+    body = 'PATH="%s:$PATH"\nhpcrun "$HPCRUN_IMAGE" cat /etc/build-marker\n' % os.path.dirname(pbs.hpcrun_bin)
+    p, jobid = pbs.qsub(user, work, script("#PBS -l container_image=pin.img\n" + pin_line, body),
+                        args=["-h", "-j", "oe", "-o", out])
+    assert jobid, p.stderr
+    assert pbs.job(jobid)["job_state"] == "H"
+    now = build("second")                              # the user rebuilds while the job waits
+    r = pbs.as_user(user, [os.path.join(pbs.bin, "qrls"), jobid], work)
+    assert r.returncode == 0, r.stderr
+    attrs = pbs.wait(jobid)
+    with open(out) as f:
+        output = f.read()
+    return attrs, output, submitted, now
+
+
+def test_a_job_whose_image_is_rebuilt_while_held_fails_naming_both(pbs, test_user, work, busybox_root):
+    attrs, output, submitted, now = _pinned_job(pbs, test_user, work, busybox_root, "")
+    assert submitted != now and submitted.startswith("sha256:")
+    variables = attrs["Variable_List"]
+    assert variables["HPCRUN_IMAGE_DIGEST"] == submitted, variables
+    assert variables["HPCRUN_IMAGE_DIGEST_PATH"] == os.path.join(work, "pin.img")
+    assert attrs["Exit_status"] == 65, output
+    assert output == ("hpcrun: error: image is not the one pinned at submission: pinned %s, image now %s (%s)\n"
+                      % (submitted, now, os.path.join(work, "pin.img"))), output
+
+
+def test_container_pin_no_runs_the_rebuilt_image(pbs, test_user, work, busybox_root):
+    attrs, output, submitted, now = _pinned_job(pbs, test_user, work, busybox_root,
+                                                "#PBS -l container_pin=no\n")
+    assert "HPCRUN_IMAGE_DIGEST" not in attrs["Variable_List"]
+    assert attrs["Exit_status"] == 0, output
+    assert output == "second\n"
+
+
+def test_container_pin_takes_yes_or_no(pbs, test_user, work):
+    p, jobid = pbs.qsub(test_user, work, script("#PBS -l container_image=hello.img\n", "true\n"),
+                        args=["-l", "container_pin=maybe"])
+    assert not jobid
+    assert p.stderr == "qsub: container_pin must be yes or no (container_pin=maybe)\n"
+
+
+def test_qalter_pins_the_new_image(pbs, test_user, work, busybox_root):
+    root = os.path.join(work, "pin-root")
+    shutil.copytree(busybox_root, root, symlinks=True)
+    os.makedirs(os.path.join(root, "etc"), exist_ok=True)
+    pins = {}
+    for name in ("a.img", "b.img"):
+        with open(os.path.join(root, "etc", "build-marker"), "w") as f:
+            f.write(name + "\n")
+        imagetools.make_image(root, os.path.join(work, name))
+        from hpcrun import image
+        pins[name] = image.open_image(os.path.join(work, name)).pin
+    body = 'PATH="%s:$PATH"\nhpcrun "$HPCRUN_IMAGE" cat /etc/build-marker\n' % os.path.dirname(pbs.hpcrun_bin)
+    out = os.path.join(work, "job.out")
+    p, jobid = pbs.qsub(test_user, work, script("#PBS -l container_image=a.img\n", body),
+                        args=["-h", "-j", "oe", "-o", out])
+    assert jobid, p.stderr
+    assert pbs.job(jobid)["Variable_List"]["HPCRUN_IMAGE_DIGEST"] == pins["a.img"]
+    q = pbs.as_user(test_user, [os.path.join(pbs.bin, "qalter"), "-l", "container_image=b.img", jobid], work)
+    assert q.returncode == 0, q.stderr
+    variables = pbs.job(jobid)["Variable_List"]
+    assert (variables["HPCRUN_IMAGE_DIGEST"], variables["HPCRUN_IMAGE_DIGEST_PATH"]) == (
+        pins["b.img"], os.path.join(work, "b.img"))
+    pbs.as_user(test_user, [os.path.join(pbs.bin, "qrls"), jobid], work)
+    attrs = pbs.wait(jobid)
+    with open(out) as f:
+        output = f.read()
+    assert (attrs["Exit_status"], output) == (0, "b.img\n"), output

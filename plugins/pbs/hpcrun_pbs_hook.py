@@ -2,7 +2,10 @@
 #
 # One file for every event it is attached to (docs/pbs.md has the qmgr lines):
 #   queuejob, modifyjob  (pbs_server, as root) validate the requested image for
-#                        the submitting user and store it as an absolute path;
+#                        the submitting user, store it as an absolute path and
+#                        pin it: HPCRUN_IMAGE_DIGEST in the job's environment
+#                        makes hpcrun refuse an image rebuilt while the job
+#                        waited (-l container_pin=no: run the image as it is);
 #   execjob_launch       (pbs_mom) re-checks it on the job shell's host, exports
 #                        HPCRUN_IMAGE into the job environment and, if the config
 #                        says so, wraps the job shell in hpcrun.
@@ -12,7 +15,7 @@
 # asserts, no docstrings), in a fresh namespace where __name__ == "builtins",
 # under an alarm, and in the server's own process for server events.  So: stdlib
 # only, no `if __name__ == "__main__"`, no asserts, nothing that can block (only
-# a few stat() calls and one 256-byte read), and never a bare `except:` (it would
+# a few stat() calls and one 4 KiB read), and never a bare `except:` (it would
 # swallow the SystemExit that accept()/reject() raise).
 import json
 import os
@@ -23,6 +26,7 @@ import pbs
 
 DEFAULTS = {
     "resource": "container_image",  # the custom resource users request (-l NAME=IMAGE)
+    "pin_resource": "container_pin", # -l NAME=no: no pin at submission ("" = always pin)
     "variable": "",                  # optional: also accept -v NAME=IMAGE ("" = off)
     "export_variable": "HPCRUN_IMAGE",
     "job_env": {},                   # more variables exported with the image
@@ -162,13 +166,29 @@ def check_ancestors(path, user, uid, gids):
                           "searchable (%s)" % (user, d, path))
 
 
+def image_pin(kind, head):
+    """What pins the image, as hpcrun/image.py reads it: an hpcrun image's
+    header digest, a SIF's global header from its ID on, a plain SquashFS's
+    superblock.  None for a directory (nothing cheap to pin)."""
+    if kind == "hpcrun":
+        line = head.split(b"\n")[1].split(b" ") if head.count(b"\n") >= 2 else []
+        digest = line[4].decode("ascii", "replace") if len(line) == 5 else ""
+        if len(digest) == 64 and not digest.strip("0123456789abcdef"):
+            return "sha256:" + digest
+    elif kind == "sif" and len(head) >= 128:
+        return "sif:" + head[48:128].hex()
+    elif kind == "squashfs" and len(head) >= 96:
+        return "squashfs:" + head[:96].hex()
+    return None
+
+
 def image_kind(path, st):
-    """Tell an image by its first bytes, as hpcrun does, without importing it:
-    hpcrun header (HPCRUN-IMAGE on line 2), SquashFS (hsqs at 0), SIF
-    (SIF_MAGIC at 32), or a directory.  Never opens anything but a regular file
-    (a FIFO would block the server)."""
+    """(kind, pin): tell an image by its first bytes, as hpcrun does, without
+    importing it: hpcrun header (HPCRUN-IMAGE on line 2), SquashFS (hsqs at 0),
+    SIF (SIF_MAGIC at 32), or a directory.  Never opens anything but a regular
+    file (a FIFO would block the server)."""
     if stat.S_ISDIR(st.st_mode):
-        return "dir"
+        return "dir", None
     if not stat.S_ISREG(st.st_mode):
         raise Refusal("not a container image: not a regular file or directory (%s)" % path)
     if st.st_size == 0:
@@ -176,18 +196,22 @@ def image_kind(path, st):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except PermissionError:
-        return "unchecked"     # root squashed on NFS; the mode check already passed
+        return "unchecked", None    # root squashed on NFS; the mode check already passed
     try:
-        head = os.pread(fd, 256, 0)
+        head = os.pread(fd, 4096, 0)
     finally:
         os.close(fd)
+    kind = None
     if head[:4] == b"hsqs":
-        return "squashfs"
-    if head[32:41] == b"SIF_MAGIC":
-        return "sif"
-    nl = head.find(b"\n")
-    if head[:2] == b"#!" and nl > 0 and head[nl + 1:nl + 13] == b"HPCRUN-IMAGE":
-        return "hpcrun"
+        kind = "squashfs"
+    elif head[32:41] == b"SIF_MAGIC":
+        kind = "sif"
+    else:
+        nl = head.find(b"\n")
+        if head[:2] == b"#!" and nl > 0 and head[nl + 1:nl + 13] == b"HPCRUN-IMAGE":
+            kind = "hpcrun"
+    if kind is not None:
+        return kind, image_pin(kind, head)
     raise Refusal("not a container image (no hpcrun header, SquashFS or SIF signature): %s" % path)
 
 
@@ -220,6 +244,24 @@ def workdir_of(*jobs):
             if wd:
                 return wd
     return None
+
+
+def pin_requested(job, original, cfg):
+    """False when the user asked for the image as it is at launch (-l container_pin=no);
+    qalter of the image keeps the job's earlier choice."""
+    name = cfg["pin_resource"]
+    value = None
+    for j in (job, original):
+        if value is None and j is not None and j.Resource_List is not None:
+            try:
+                value = j.Resource_List[name] if name else None
+            except Exception:   # resource not defined on this server: always pin
+                value = None
+    if value is None or str(value) == "yes":
+        return True
+    if str(value) == "no":
+        return False
+    raise Refusal("%s must be yes or no (%s=%s)" % (name, name, value))
 
 
 def store(job, cfg, where, path):
@@ -263,10 +305,16 @@ def on_submit(e, cfg):
     user = e.requestor
     if original is not None and original.Job_Owner:
         user = original.Job_Owner
-    kind = check_image(path, user, cfg, what, value)
+    wants_pin = pin_requested(job, original, cfg)
+    kind, pin = check_image(path, user, cfg, what, value)
     if path != value:
         store(job, cfg, where, path)
-    log_debug("hpcrun: %s image %s accepted for %s" % (kind, path, user))
+    if wants_pin and pin:
+        # hpcrun in every task of the job checks it (docs/pbs.md, docs/run.md)
+        job.Variable_List["HPCRUN_IMAGE_DIGEST"] = pin
+        job.Variable_List["HPCRUN_IMAGE_DIGEST_PATH"] = path
+    log_debug("hpcrun: %s image %s accepted for %s%s" % (kind, path, user, ", pinned to " + pin
+                                                         if wants_pin and pin else ""))
 
 
 def on_launch(e, cfg):
@@ -284,7 +332,7 @@ def on_launch(e, cfg):
         return
     what = label(cfg, where)
     path = absolute_image_path(value, env.get("PBS_O_WORKDIR") or workdir_of(job), what)
-    kind = check_image(path, job.euser or job.Job_Owner, cfg, what, value)
+    kind, _ = check_image(path, job.euser or job.Job_Owner, cfg, what, value)
     # Item assignment: the mom replaces the task's whole environment with str(e.env).
     env[cfg["export_variable"]] = path
     for k, v in (cfg["job_env"] or {}).items():

@@ -5,16 +5,20 @@
 #   plugins/pbs/install.sh --run           run them with qmgr (as a PBS manager)
 #   options: --config FILE (default: hpcrun_pbs.json next to this script),
 #            --resource NAME (default: container_image; must match the config),
+#            --pin-resource NAME (default: container_pin; must match the config),
 #            --qmgr PATH (default: qmgr from PATH)
 # The resource is a string with flag=m: PBS sends a custom resource to the
 # mom (and so to the execjob_launch hook) only with that flag.  No flag=h and
-# not in sched_config: the scheduler has nothing to schedule.  See docs/pbs.md.
+# not in sched_config: the scheduler has nothing to schedule.  The pin resource
+# (-l container_pin=no: run the image as it is at launch) is read only by the
+# queuejob hook, on the server: no flag.  See docs/pbs.md.
 set -eu
 
 dir=$(cd "$(dirname "$0")" && pwd)
 hook="$dir/hpcrun_pbs_hook.py"
 config="$dir/hpcrun_pbs.json"
 resource=container_image
+pin_resource=container_pin
 qmgr=qmgr
 run=0
 
@@ -23,8 +27,9 @@ while [ $# -gt 0 ]; do
         --run) run=1 ;;
         --config) config=$2; shift ;;
         --resource) resource=$2; shift ;;
+        --pin-resource) pin_resource=$2; shift ;;
         --qmgr) qmgr=$2; shift ;;
-        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         *) echo "install.sh: error: unknown option ($1)" >&2; exit 64 ;;
     esac
     shift
@@ -36,6 +41,7 @@ case "$config" in /*) ;; *) config="$(pwd)/$config" ;; esac
 
 commands() {
     echo "create resource $resource type=string,flag=m"
+    echo "create resource $pin_resource type=string"
     echo "create hook hpcrun_submit"
     echo "set hook hpcrun_submit event=\"queuejob,modifyjob\""
     echo "set hook hpcrun_submit alarm=30"
