@@ -16,8 +16,6 @@ are read inside the container, just before exec.  An Apptainer image's
 %environment (/.singularity.d/env/*.sh) is sourced by the container's own
 /bin/sh between 4 and 5 (launch.apptainer_argv), never by hpcrun.
 """
-import os
-
 DENY = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "LD_DEBUG", "PYTHONPATH", "PYTHONHOME",
         "PYTHONUSERBASE", "PYTHONSTARTUP", "PYTHONEXECUTABLE", "PERL5LIB", "PERLLIB", "RUBYLIB",
         "LUA_PATH", "LUA_CPATH", "R_LIBS", "R_LIBS_USER", "CLASSPATH", "BASH_ENV", "ENV",

@@ -19,7 +19,7 @@ import re
 import subprocess
 import sys
 
-from hpcrun import elf, errors, ldcache
+from hpcrun import elf, ldcache
 from hpcrun.mpi import inject
 
 KINDS = {

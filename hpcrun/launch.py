@@ -184,7 +184,7 @@ def find_command(name, path):
     found_not_exec = None
     for c in candidates:
         try:
-            st = os.stat(c)
+            os.stat(c)
         except OSError:
             continue
         if os.path.isdir(c):

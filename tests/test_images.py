@@ -21,10 +21,11 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-import time
 import uuid
 
 import pytest
+
+from procs import eventually, keepers_of
 
 import imagetools
 from hpcrun import errors, image as image_mod, stage as stage_mod
@@ -87,30 +88,6 @@ def assert_one_error(r, code, *fragments):
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr
     for f in fragments:
         assert f in lines[0], (f, lines[0])
-
-
-def keepers_of(fragment):
-    out = []
-    for name in os.listdir("/proc"):
-        try:
-            with open("/proc/%s/comm" % name) as f:
-                if f.read().strip() != "hpcrun-keeper":
-                    continue
-            with open("/proc/%s/cmdline" % name, "rb") as f:
-                if fragment.encode() in f.read():
-                    out.append(int(name))
-        except OSError:
-            continue
-    return out
-
-
-def eventually(pred, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def host_mounts(fragment):

@@ -9,9 +9,10 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 
 import pytest
+
+from procs import eventually, keepers_of
 
 from hpcrun import errors, imagefile
 
@@ -193,31 +194,6 @@ def _policy(site_config, keys, which="allowed"):
     return site_config("require_signature = yes\nallowed_signers = %s\n" % keys[which])
 
 
-def _keepers_of(path):
-    out = []
-    for name in os.listdir("/proc"):
-        try:
-            with open("/proc/%s/comm" % name) as f:
-                if f.read().strip() != "hpcrun-keeper":
-                    continue
-            with open("/proc/%s/cmdline" % name, "rb") as f:
-                if path.encode() in f.read():
-                    out.append(int(name))
-        except OSError:
-            continue
-    return out
-
-
-def eventually(pred, timeout=30.0):
-    """A refusing keeper reports first, then removes what it made and exits."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def _nothing_left(as_user, test_user, image, prefix):
     """No keeper, no run-dir entry of this image's key, no mount of it."""
     plan = json.loads(hpcrun(as_user, "--dry-run", image, "true", prefix=prefix).stdout)
@@ -227,7 +203,7 @@ def _nothing_left(as_user, test_user, image, prefix):
         left = [n for n in (os.listdir(run_dir) if os.path.isdir(run_dir) else []) if n.startswith(plan["key"])]
         with open("/proc/self/mountinfo") as f:
             mounts = [ln for ln in f if os.path.dirname(image) in ln]
-        return left == [] and mounts == [] and not _keepers_of(image)
+        return left == [] and mounts == [] and not keepers_of(image)
     return eventually(clean)
 
 
@@ -318,7 +294,7 @@ def test_policy_as_root(hpcrun_bin, keys, image, shared_dir):
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0xff]))
     assert_one_error(run(image, "true"), errors.DATA, "does not match its header")
-    assert eventually(lambda: not _keepers_of(image))
+    assert eventually(lambda: not keepers_of(image))
     shutil.rmtree(d)
 
 
