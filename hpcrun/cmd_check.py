@@ -138,6 +138,7 @@ def _image(rep, path, cfg, host):
         rep.add("image", e.line(), "FAIL", e.code)
         return
     rep.add("image", "%s (%s)" % (img.path, img.kind))
+    _signature(rep, img, cfg)
     meta_mpi = (img.meta() or {}).get("mpi")
     mine = None
     if img.kind == "dir":
@@ -165,6 +166,21 @@ def _image(rep, path, cfg, host):
         rep.add("MPI ABI", "%s works%s" % (ok[0], ": " + note if ok[0] == "hybrid" and note else ""))
     else:
         rep.add("MPI ABI", "; ".join("%s: %s" % (m, problems[m]) for m in order), "FAIL", errors.MPI_ABI)
+
+
+def _signature(rep, img, cfg):
+    """The site's require_signature, as the node's keeper would apply it: an
+    image it refuses must not pass the pre-flight."""
+    from hpcrun import signature
+    try:
+        if not cfg.getbool("require_signature"):
+            return
+        results = signature.enforce(img.describe(), cfg)
+    except errors.Error as e:
+        rep.add("signature", "required by the site: " + e.what, "FAIL", e.code)
+        return
+    rep.add("signature", "required by the site: accepted, signed by " + ", ".join(
+        sorted({r.principal for r in results if r.principal})))
 
 
 def _fabric(rep, cfg):

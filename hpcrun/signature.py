@@ -228,7 +228,8 @@ def enforce(img, cfg, payload_checked_later=False):
     (the keeper): an image with no signature from an allowed, valid key is
     refused (77) before anything is mounted.  payload_checked_later: the
     payload will be staged, and staging checks it against the same header
-    sha256 (65 on a mismatch) before it is mounted."""
+    sha256 (65 on a mismatch) before it is mounted.  Returns the results
+    (at least one accepted)."""
     allowed = cfg.get("allowed_signers")
     if not allowed:
         raise errors.Error(errors.CONFIG, "require_signature = yes needs allowed_signers = FILE in the config")
@@ -241,7 +242,7 @@ def enforce(img, cfg, payload_checked_later=False):
         raise errors.Error(errors.NOPERM, "this site requires signed images; this one is not signed "
                            "(hpcrun sign)", img["path"])
     if any(r.principal for r in results):
-        return
+        return results
     if not any(r.matches for r in results):
         raise errors.Error(errors.DATA, results[0].reason, img["path"])
     raise errors.Error(errors.NOPERM, "no accepted signature: " + "; ".join(

@@ -330,3 +330,21 @@ def test_signing_keeps_a_submission_pin(as_user, keys, image):
     assert json.loads(hpcrun(as_user, "inspect", "--json", image).stdout)["pin"] == pin
     r = hpcrun(as_user, "--image-digest", pin, image, "echo", "ok", env={"HPCRUN_LINGER": "0"})
     assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
+
+
+def test_check_reports_the_signature_policy(as_user, keys, image, site_config):
+    # `hpcrun check IMAGE` promises the exit code the launch would have: 77 for an
+    # image the site's require_signature refuses, 0 once it carries an accepted signature.
+    policy = _policy(site_config, keys)
+    r = hpcrun(as_user, "check", "--json", image, prefix=policy)
+    rows = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert r.returncode == errors.NOPERM, r.stdout + r.stderr
+    assert rows["signature"]["status"] == "FAIL" and "not signed" in rows["signature"]["value"], rows
+    sign(as_user, keys, image)
+    r = hpcrun(as_user, "check", image, prefix=policy)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "signature:" in r.stdout and "alice@site" in r.stdout, r.stdout
+    r = hpcrun(as_user, "check", image, prefix=_policy(site_config, keys, "revoked"))
+    assert r.returncode == errors.NOPERM and "expired" in r.stdout, r.stdout + r.stderr
+    r = hpcrun(as_user, "check", image, prefix=site_config("require_signature = no\n"))
+    assert r.returncode == 0 and "signature:" not in r.stdout, r.stdout + r.stderr
