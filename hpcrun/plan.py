@@ -15,6 +15,8 @@ from hpcrun import environment, errors
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/boot",
                "/dev", "/proc", "/sys", "/run", "/var/lib", "/var/run", "/opt")
 HOST_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/localtime")
+# Every variable hpcrun.mpi's launcher() and host_binds() read starts with one of these.
+MPI_ENV_PREFIXES = ("OMPI_", "PMIX_", "PMI_", "SLURM_", "PBS_")
 
 
 def parse_bind(spec, why):
@@ -124,7 +126,10 @@ def build(opts, img, cfg, environ):
 
     mpi_mode = opts.mpi or cfg.get("mpi", "auto")
     launcher = None
-    if mpi_mode != "none":
+    # hpcrun.mpi answers from launcher variables and the site's mpi_host_bind only: without
+    # either, launcher() is None and host_binds() is empty, so a plain launch skips the import.
+    if mpi_mode != "none" and (cfg.getlist("mpi_host_bind")
+                               or any(k.startswith(MPI_ENV_PREFIXES) for k in environ)):
         from hpcrun import mpi
         launcher = mpi.launcher(environ)     # the keeper wires the container for it
         for b in mpi.host_binds(environ, cfg):

@@ -239,3 +239,20 @@ def test_image_library_follows_links_inside_root(tmp_path):
     assert inject.resolve_in(root, "/usr/lib/libmpi.so.40") == os.path.join(root, "opt/mpi/lib/libmpi.so.40.30.4")
     os.symlink("../../../../../etc", os.path.join(root, "usr/lib/escape"))
     assert inject.resolve_in(root, "/usr/lib/escape/passwd") == os.path.join(root, "etc/passwd")
+
+
+def test_plan_skips_mpi_only_where_it_would_answer_nothing():
+    # plan.build imports hpcrun.mpi only when a variable starts with plan.MPI_ENV_PREFIXES (or the
+    # site sets mpi_host_bind): every variable launcher() and host_binds() read must start so.
+    import inspect
+    import re
+    from hpcrun import plan
+    src = inspect.getsource(mpi.launcher) + inspect.getsource(mpi.host_binds)
+    names = set(re.findall(r'environ\.get\("(\w+)"|"(\w+)" (?:not )?in environ', src))
+    names = {a or b for a, b in names} | {"PMIX_DSTORE_"}     # the prefix host_binds scans for
+    assert len(names) >= 10
+    assert all(n.startswith(plan.MPI_ENV_PREFIXES) for n in names), names
+    assert "for k in sorted(environ)" in src and 'k.startswith("PMIX_DSTORE_")' in src
+    # without any of them the skipped calls would have answered nothing
+    plain = {"PATH": "/usr/bin", "HOME": "/root", "MPI_LOCALRANKID": "0"}
+    assert mpi.launcher(plain) is None and mpi.host_binds(plain, cfg()) == []
