@@ -3,6 +3,7 @@ import json
 import os
 
 import common
+import rankpath
 
 PP_SIZES_SHOWN = (0, 8, 1024, 8192, 65536, 1 << 20, 4 << 20)
 
@@ -50,6 +51,10 @@ def markdown(res):
                 r["goal"], "—" if r["value"] is None else ("met" if r["value"] <= r["goal"] else "**not met**"))
             out.append("| %s | %s | %s |" % (r["name"], _r(r["value"]), goal))
         out.append("")
+    rp = res.get("rankpath")
+    if rp:
+        out += ["## Rank path: one joining `hpcrun light.img /bin/true` (user %s)" % rp.get("user", "?"), "",
+                "```"] + rankpath.format_text(rp).splitlines()[1:] + ["```", ""]
     pp = res.get("pingpong")
     if pp:
         for lang, vs in pp["langs"].items():

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run all benchmarks (`make bench`): containerized (hpcrun, ch-run) vs native, side by side.
 
-    python3 benchmarks/run.py [--quick | --smoke] [--budget S] [--only entry,pingpong,launch,scale]
+    python3 benchmarks/run.py [--quick | --smoke] [--budget S] [--only entry,rankpath,pingpong,launch,scale]
                               [--user NAME] [--out DIR] [--build DIR]
 
 Builds what it needs (the C programs with mpicc, images from host files), runs
@@ -24,15 +24,16 @@ import entry  # noqa: E402
 import images  # noqa: E402
 import launch  # noqa: E402
 import pingpong_run  # noqa: E402
+import rankpath  # noqa: E402
 import report  # noqa: E402
 
-PARTS = ("entry", "pingpong", "launch", "scale")
+PARTS = ("entry", "rankpath", "pingpong", "launch", "scale")
 MODES = {  # sized for a 2-core machine
-    "full": dict(budget=1500, entry_runs=200, pp_rounds=3, pp_args=pingpong_run.FULL_ARGS, langs=("c", "python"),
+    "full": dict(budget=1500, entry_runs=200, rp_runs=20, rp_rounds=10, pp_rounds=3, pp_args=pingpong_run.FULL_ARGS, langs=("c", "python"),
                  ranks=(2, 4, 8, 16, 32, 64), launch_rounds=3, scale=(64, 128, 256, 512), pp_timeout=180),
-    "quick": dict(budget=300, entry_runs=30, pp_rounds=1, pp_args=pingpong_run.QUICK_ARGS, langs=("c", "python"),
+    "quick": dict(budget=300, entry_runs=30, rp_runs=10, rp_rounds=3, pp_rounds=1, pp_args=pingpong_run.QUICK_ARGS, langs=("c", "python"),
                   ranks=(2, 4, 8), launch_rounds=1, scale=(64,), pp_timeout=60),
-    "smoke": dict(budget=120, entry_runs=5, pp_rounds=1, pp_args=pingpong_run.SMOKE_ARGS, langs=("c", "python"),
+    "smoke": dict(budget=120, entry_runs=5, rp_runs=3, rp_rounds=1, pp_rounds=1, pp_args=pingpong_run.SMOKE_ARGS, langs=("c", "python"),
                   ranks=(2,), launch_rounds=1, scale=(8,), pp_timeout=30),
 }
 
@@ -73,6 +74,10 @@ def main(argv=None):
     if "entry" in parts:
         res["entry"] = entry.run(built, cfg["entry_runs"], budget,
                                  user=pwd.getpwnam(a.user) if a.user else None, log=log)
+    if "rankpath" in parts:
+        res["rankpath"] = rankpath.run(built, cfg["rp_runs"], cfg["rp_rounds"], budget,
+                                       user=pwd.getpwnam(a.user) if a.user else None, log=log)
+        print(rankpath.format_text(res["rankpath"]), file=sys.stderr)
     if "pingpong" in parts:
         res["pingpong"] = pingpong_run.run(built, cfg["langs"], cfg["pp_rounds"], cfg["pp_args"], budget, log,
                                              timeout=cfg["pp_timeout"])
