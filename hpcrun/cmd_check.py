@@ -175,6 +175,10 @@ def _signature(rep, img, cfg):
     try:
         if not cfg.getbool("require_signature"):
             return
+    except errors.Error as e:
+        rep.add("signature", e.what, "FAIL", e.code)
+        return
+    try:
         results = signature.enforce(img.describe(), cfg)
     except errors.Error as e:
         rep.add("signature", "required by the site: " + e.what, "FAIL", e.code)

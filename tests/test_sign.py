@@ -348,3 +348,10 @@ def test_check_reports_the_signature_policy(as_user, keys, image, site_config):
     assert r.returncode == errors.NOPERM and "expired" in r.stdout, r.stdout + r.stderr
     r = hpcrun(as_user, "check", image, prefix=site_config("require_signature = no\n"))
     assert r.returncode == 0 and "signature:" not in r.stdout, r.stdout + r.stderr
+
+
+def test_check_names_a_bad_policy_value(as_user, image, site_config):
+    r = hpcrun(as_user, "check", image, prefix=site_config("require_signature = maybe\n"))
+    assert r.returncode == errors.CONFIG, r.stdout + r.stderr
+    row = [ln for ln in r.stdout.splitlines() if ln.startswith("signature:")]
+    assert len(row) == 1 and "bad boolean" in row[0] and "required by the site" not in row[0], r.stdout
