@@ -102,6 +102,8 @@ def _signing_key(path, armored):
             pos += 4 + n
         key, namespace = fields
         key_type = key[4:4 + int.from_bytes(key[:4], "big")].decode("ascii")
+        if not key_type.isprintable() or " " in key_type:   # shown to users: no forged lines or escapes
+            raise ValueError
     except (ValueError, UnicodeDecodeError):
         raise errors.Error(errors.DATA, "corrupt image: a signature block is not an SSH signature", path)
     if namespace != NAMESPACE.encode():
