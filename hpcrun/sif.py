@@ -96,7 +96,8 @@ def signatures(path, fd, file_size):
         sig = {"kind": "unknown", "hash": HASH_NAMES.get(hash_type, "type %d" % hash_type),
                "signs": ("object group %d" % (linked & ~GROUP_MASK)) if linked & GROUP_MASK
                else "object %d" % linked, "keys": []}
-        data = os.pread(fd, size, offset) if 0 < size <= SIGNATURE_MAX and offset + size <= file_size else b""
+        data = (os.pread(fd, size, offset) if 0 < size <= SIGNATURE_MAX and 0 <= offset <= file_size - size
+                else b"")
         if data.startswith(b"-----BEGIN PGP SIGNED MESSAGE-----"):
             sig["kind"] = "pgp"
             if any(entity):
@@ -104,13 +105,21 @@ def signatures(path, fd, file_size):
         elif data.startswith(b"{"):
             try:
                 envelope = json.loads(data)
+                sigs = envelope.get("signatures", [])
                 sig["kind"] = "dsse"
-                sig["payload_type"] = envelope.get("payloadType")
-                sig["keys"] = [str(s.get("keyid")) for s in envelope.get("signatures", []) if isinstance(s, dict)]
+                payload_type = envelope.get("payloadType")
+                sig["payload_type"] = None if payload_type is None else _shown(str(payload_type))
+                sig["keys"] = [_shown(str(s.get("keyid"))) for s in (sigs if isinstance(sigs, list) else [])
+                               if isinstance(s, dict)]
             except (ValueError, AttributeError):
                 pass
         out.append(sig)
     return out
+
+
+def _shown(text):
+    """A claimed name as inspect may print it: no line breaks or terminal escapes."""
+    return text if text.isprintable() else ascii(text)
 
 
 def metadata(path):
