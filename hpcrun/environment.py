@@ -138,7 +138,8 @@ def apply_file(env, path):
     if data is None:
         return
     text = data.decode("utf-8", "replace")
-    for line in text.splitlines():
+    # lines end at \n only: str.splitlines() would also split a value at \x85, \u2028, \x0c ...
+    for line in text.split("\n"):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -23,7 +23,7 @@ import subprocess
 import tarfile
 import tempfile
 
-from hpcrun import errors, image
+from hpcrun import environment, errors, image
 from hpcrun.imagebuild.tree import inside
 
 WHITEOUT = ".wh."
@@ -336,6 +336,9 @@ def _config_meta(config, mismatch=None):
     env = []
     for entry in c.get("Env") or []:
         k, _, v = entry.partition("=")
+        if not environment.valid_name(k):
+            meta["warnings"].append("image Env name %r is not a variable name: left out" % k)
+            continue
         if "\n" in v or "\r" in v:
             meta["warnings"].append("image Env %s has a line break; /.hpcrun/env cannot hold it: left out" % k)
             continue
