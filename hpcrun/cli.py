@@ -203,7 +203,8 @@ def run_singularity(argv=None):
     installed does hpcrun run the image."""
     argv = sys.argv[1:] if argv is None else argv
     for name in ("apptainer", "singularity"):
-        for d in os.environ.get("PATH", "").split(":"):
+        # PATH unset: the default path, as execvp has it (not the cwd: "" would be ".")
+        for d in os.environ.get("PATH", os.defpath).split(":"):
             exe = os.path.join(d or ".", name)
             if os.path.isfile(exe) and os.access(exe, os.X_OK):
                 os.execv(exe, [name, "run"] + argv)
