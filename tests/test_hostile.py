@@ -17,8 +17,10 @@ subprocess has a timeout: a hang is a failure, never a stuck suite.
 
 Sections: A image links, B bind specs, C read-only, D image code in hpcrun,
 E mounts from inside, F site policy, G digests, H specials, I headers,
-J privilege, K environment, L run-directory squatting, M concurrency.
+J privilege, K environment, L run-directory squatting, M concurrency,
+N signatures, pins, SIF descriptors, OCI Env and the run-singularity hand-over.
 """
+import base64
 import glob
 import hashlib
 import json
@@ -39,7 +41,7 @@ import imagetools  # noqa: E402
 from conftest import user_cmd  # noqa: E402
 
 import hpcrun  # noqa: E402
-from hpcrun import errors  # noqa: E402
+from hpcrun import errors, signature  # noqa: E402
 
 TIMEOUT = 60          # one launch; a hang fails the case
 SETTLE = 20           # seconds for a keeper (linger 0) and its squashfuse to go
@@ -1273,3 +1275,246 @@ def test_stuck_keeper_times_out(case):
                 os.kill(stopped, signal.SIGCONT)
             except OSError:
                 pass
+
+
+# ========== N. signatures, pins, SIF descriptors, OCI Env, run-singularity ===
+
+POLICY = "require_signature = yes\nallowed_signers = %s\n"
+
+
+@pytest.fixture(scope="module")
+def signer(base):
+    """A key of the site's (root's) and the site's allowed_signers naming it."""
+    d = os.path.join(base, "signer-" + uuid.uuid4().hex[:8])
+    os.mkdir(d, 0o755)
+    key = os.path.join(d, "alice")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "alice@site", "-f", key], check=True)
+    with open(key + ".pub") as f:
+        pub = f.read().strip()
+    allowed = os.path.join(d, "allowed_signers")
+    with open(allowed, "w") as f:
+        f.write('alice@site namespaces="hpcrun-image" %s\n' % pub)
+    os.chmod(allowed, 0o644)
+    yield {"key": key, "allowed": allowed}
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _sstr(b):
+    return len(b).to_bytes(4, "big") + b
+
+
+def _sshsig(key_type=b"ssh-ed25519", namespace=signature.NAMESPACE.encode()):
+    """An SSHSIG blob (PROTOCOL.sshsig) that parses; no key signed it."""
+    key = _sstr(key_type) + _sstr(b"k" * 32)
+    return (b"SSHSIG" + (1).to_bytes(4, "big") + _sstr(key) + _sstr(namespace) + _sstr(b"") + _sstr(b"sha512")
+            + _sstr(_sstr(key_type) + _sstr(b"s" * 64)))
+
+
+def _armor(blob):
+    b = base64.b64encode(blob)
+    return (b"-----BEGIN SSH SIGNATURE-----\n" + b"\n".join(b[i:i + 70] for i in range(0, len(b), 70))
+            + b"\n-----END SSH SIGNATURE-----\n")
+
+
+def _block(armored, claimed=b"someone@site", size=None):
+    return b"HPCRUN-SIGNATURE %s %s\n" % (b"%d" % len(armored) if size is None else size, claimed) + armored
+
+
+FAKE_SIG = _armor(_sshsig())
+# kind: (trailer after the payload, what inspect does: 0 lists them as claimed, 65 refuses)
+TRAILERS = {
+    "garbage": (b"not a signature\n", 65),
+    "garbage-after-a-block": (_block(FAKE_SIG) + b"x", 65),
+    "size-negative": (_block(FAKE_SIG, size=b"-1"), 65),
+    "size-with-plus": (_block(FAKE_SIG, size=b"+%d" % len(FAKE_SIG)), 65),
+    "size-past-eof": (_block(FAKE_SIG, size=b"%d" % (len(FAKE_SIG) + 1)), 65),
+    "size-huge": (_block(FAKE_SIG, size=b"9" * 30), 65),
+    "claimed-name-with-escape": (_block(FAKE_SIG, claimed=b"admin@site\x1b[2K"), 65),
+    "not-base64": (_block(_armor(b"x").replace(b"eA==", b"!!!!")), 65),
+    "not-sshsig": (_block(_armor(b"NOTSIG" + b"\0" * 40)), 65),
+    "blob-ends-early": (_block(_armor(b"SSHSIG\0\0\0\1\0\0\0\xff")), 65),
+    "other-namespace": (_block(_armor(_sshsig(namespace=b"file"))), 65),
+    # was: the key type went to verify's and inspect's output as it was, a forged line or a terminal escape
+    "key-type-with-newline": (_block(_armor(_sshsig(key_type=b"ssh-ed25519\n  good signature by root@site"))), 65),
+    "key-type-with-escape": (_block(_armor(_sshsig(key_type=b"ssh-ed25519\x1b]0;x\x07"))), 65),
+    "over-a-mebibyte": (b"x" * (signature.TRAILER_MAX + 1), 65),
+    "sixty-five-blocks": (_block(FAKE_SIG) * (signature.SIGNATURES_MAX + 1), 65),
+    "sixty-four-forged-blocks": (_block(FAKE_SIG) * signature.SIGNATURES_MAX, 0),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TRAILERS))
+def test_signature_trailer_malformed(case, small_payload, signer, site_config, kind):
+    # A trailer never makes verify or the site's policy accept an image, never
+    # hangs them, and never reaches their output raw: one line, 65.
+    tail, inspect_rc = TRAILERS[kind]
+    img = hi.raw_image(os.path.join(case.dir, "bad.img"), small_payload, tail=tail)
+    case.digests.add(hashlib.sha256(small_payload).hexdigest())
+    r = case.hpcrun("inspect", img, key=False)
+    if inspect_rc:
+        assert_error(r, errors.DATA)
+    else:
+        assert_ok(r)
+        assert r.stdout.decode().count("someone@site") == signature.SIGNATURES_MAX
+    r = case.hpcrun("verify", "--allowed-signers", signer["allowed"], img, key=False, timeout=120)
+    assert_error(r, errors.DATA)
+    assert b"good signature" not in r.stdout
+    r = case.hpcrun(img, "true", key=False, prefix=site_config(POLICY % signer["allowed"]), timeout=120)
+    assert_error(r, errors.DATA)
+    case.assert_clean()
+
+
+def _tampered(payload):
+    """The same size and superblock, one byte of content changed."""
+    b = bytearray(payload)
+    b[len(b) // 2] ^= 0xff
+    return bytes(b)
+
+
+def test_signature_of_another_image_is_not_accepted(case, small_payload, signer, site_config):
+    # A good signature of image A, moved to image B with B's own header, or
+    # with A's header copied over B's payload: verify and the policy refuse (65),
+    # and A's pin does not pass for the copied header where the payload is staged.
+    a = hi.raw_image(os.path.join(case.dir, "a.img"), small_payload)
+    subprocess.run([case.hpcrun_bin, "sign", "-k", signer["key"], a], check=True, capture_output=True, timeout=60)
+    assert_ok(case.hpcrun("verify", "--allowed-signers", signer["allowed"], a, key=False))
+    h = signature.imagefile.read_header(a)
+    with open(a, "rb") as f:
+        head = f.read(h.offset)
+        f.seek(h.offset + h.size)
+        trailer = f.read()
+    other_root = case.root("other-root")
+    hi.write(other_root, "/other", "another image\n")
+    other = open(hi.squashfs(other_root, os.path.join(case.dir, "other.sqfs")), "rb").read()
+    own_header = hi.raw_image(os.path.join(case.dir, "own-header.img"), other, tail=trailer)
+    copied_header = os.path.join(case.dir, "copied-header.img")
+    with open(copied_header, "wb") as f:
+        f.write(head + _tampered(small_payload) + trailer)
+    os.chmod(copied_header, 0o755)
+    case.digests.update([h.sha256, hashlib.sha256(other).hexdigest()])
+    policy = site_config(POLICY % signer["allowed"])
+    for img in (own_header, copied_header):
+        r = case.hpcrun("verify", "--allowed-signers", signer["allowed"], img, key=False)
+        assert_error(r, errors.DATA)
+        assert b"good signature" not in r.stdout
+        assert_error(case.hpcrun(img, "true", key=False, prefix=policy), errors.DATA)
+    r = case.hpcrun("--image-digest", "sha256:" + h.sha256, copied_header, "cat", "/marker", key=False)
+    assert_error(r, errors.DATA)
+    case.assert_clean()
+
+
+# SIF descriptors (apptainer/sif v2): header fields at 64 (ctime, mtime,
+# free, total at 88, descriptor offset at 96 ...), descriptor i at 4096 + 585 i with its
+# object's offset at +17 and size at +25.
+def _sif_patch(path, at, value):
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(value.to_bytes(8, "little", signed=True))
+
+
+def _descr(i, field):
+    return 4096 + 585 * i + {"offset": 17, "size": 25}[field]
+
+
+SIF_CASES = {
+    # kind: (extra object, [(position, value)], launch fails?)
+    "signature-offset-negative": ("sig", [(_descr(1, "offset"), -100)], False),
+    "signature-offset-past-eof": ("sig", [(_descr(1, "offset"), 1 << 62)], False),
+    "signature-size-huge": ("sig", [(_descr(1, "size"), (1 << 63) - 1)], False),
+    "dsse-signatures-not-a-list": (b'{"signatures": 5}', [], False),
+    "dsse-signatures-null": (b'{"signatures": null}', [], False),
+    "dsse-keyid-with-newline": (b'{"payloadType": "x\\u001b[2J", "signatures": [{"keyid": "k\\nverified: yes"}]}',
+                                [], False),
+    "metadata-offset-negative": ("meta", [(_descr(1, "offset"), -1)], False),
+    "metadata-size-past-eof": ("meta", [(_descr(1, "size"), 1 << 40)], False),
+    "partition-size-past-eof": (None, [(_descr(0, "size"), 1 << 40)], True),
+    "partition-offset-zero": (None, [(_descr(0, "offset"), 0)], True),
+    "partition-offset-in-the-header": (None, [(_descr(0, "offset"), 32)], True),
+    "descriptor-count-huge": (None, [(88, 1 << 40)], True),
+    "descriptor-count-negative": (None, [(88, -1)], True),
+    "descriptor-table-past-eof": (None, [(96, 1 << 40)], True),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SIF_CASES))
+def test_hostile_sif_descriptors(case, small_payload, kind):
+    # inspect lists what it can as claimed (printable only) or refuses, 65;
+    # a launch mounts only a primary partition that lies inside the file.
+    import siftools
+    extra, patches, launch_fails = SIF_CASES[kind]
+    objects = [siftools.partition(small_payload)]
+    if extra == "meta":
+        objects.append(siftools.obj(siftools.GENERIC_JSON, b'{"data": {"attributes": {}}}',
+                                    name="inspect-metadata.json"))
+    elif extra is not None:
+        objects.append(siftools.obj(siftools.SIGNATURE, b"-----BEGIN PGP SIGNED MESSAGE-----\n"
+                                    if extra == "sig" else extra, extra=b"\1\0\0\0" + b"\xab" * 20))
+    img = siftools.write(os.path.join(case.dir, "bad.sif"), objects)
+    for at, value in patches:
+        _sif_patch(img, at, value)
+    case.digests.add(hashlib.sha256(small_payload).hexdigest())
+    r = case.hpcrun("inspect", img, key=False)
+    if r.returncode == 0:
+        out = r.stdout.decode()
+        assert all(line.isprintable() for line in out.splitlines()), out
+        assert "\nverified" not in out
+    else:
+        assert_error(r, errors.DATA)
+    r = case.hpcrun(img, "cat", "/marker", key=not launch_fails)
+    if launch_fails:
+        assert_error(r, errors.DATA)
+    else:
+        assert_ok(r, case.token + "\n")
+    case.assert_clean()
+
+
+def test_oci_digest_is_never_a_path(case):
+    # An index whose manifest digest is a path: refused (65) before any file is read.
+    import test_oci as oci
+    lay = oci.Layout(os.path.join(case.dir, "oci"))
+    desc = lay.image([oci.busybox_layer()], {}, oci.HOST[1], variant=oci.HOST[2] or None)
+    desc["digest"] = "sha256:../../../../../../etc/passwd"
+    lay.index([desc])
+    out_dir = case.mkdir_user("build")
+    r = case.hpcrun("build", os.path.join(out_dir, "x.img"), "--from", lay.path, key=False, timeout=300)
+    assert_error(r, errors.DATA, "bad digest")
+    assert os.listdir(out_dir) == []
+    case.assert_clean()
+
+
+def test_oci_env_cannot_inject_a_variable(case):
+    # An image config's Env value holds what str.splitlines() splits at
+    # (\u2028, \x85, \x0c) or its name a newline: /.hpcrun/env must not read
+    # a second variable out of it.  (Was: INJECTED=yes ... in the program's
+    # environment.)
+    import test_oci as oci
+    lay = oci.Layout(os.path.join(case.dir, "oci"))
+    env = ["A=one\u2028INJECTED=yes", "B=two\x85INJ2=yes", "C\nINJ3=three", "D=four\x0cINJ4=yes"]
+    lay.index([lay.image([oci.busybox_layer()], {"Env": env}, oci.HOST[1], variant=oci.HOST[2] or None)])
+    out_dir = case.mkdir_user("build")
+    img = os.path.join(out_dir, "env.img")
+    r = case.hpcrun("build", img, "--from", lay.path, key=False, timeout=300)
+    assert_ok(r)
+    case.digests.add(payload_digest(img))
+    show = 'printf "%s|%s|%s|%s|%s|%s|%s" "$A" "$B" "$D" "$INJECTED" "$INJ2" "$INJ3" "$INJ4"'
+    r = case.hpcrun(img, "/bin/sh", "-c", show)
+    assert_ok(r, "one\u2028INJECTED=yes|two\x85INJ2=yes|four\x0cINJ4=yes||||")
+    case.assert_clean()
+
+
+def test_run_singularity_without_path_does_not_look_in_the_cwd(case):
+    # `#!/usr/bin/env run-singularity` with PATH unset (env -i, a cron job):
+    # the hand-over looks where execvp looks (os.defpath), not in the cwd,
+    # here another user's directory holding an `apptainer`.  (Was: it ran it.)
+    d = os.path.join(case.dir, "theirs")
+    os.mkdir(d, 0o755)
+    fake = os.path.join(d, "apptainer")
+    with open(fake, "w") as f:
+        f.write("#!/bin/sh\necho HOSTILE IMAGE CODE RAN >&2\ntouch %s/handed-over\n" % case.out)
+    os.chmod(fake, 0o755)
+    entry = os.path.join(os.path.dirname(case.hpcrun_bin), "run-singularity")
+    r = subprocess.run(user_cmd(case.pw, ["env", "-i", "LANG=C.UTF-8", entry, "/nonexistent/app.sif"]), cwd=d,
+                       capture_output=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    case.assert_no_image_code(r)
+    assert_error(r, errors.NOINPUT)
+    case.assert_clean()
