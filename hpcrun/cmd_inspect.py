@@ -153,8 +153,16 @@ def main(argv):
         if b.get("spec"):
             out.append("spec:")
             out += ["  | " + line for line in b["spec"].rstrip("\n").splitlines()]
-    print("\n".join(out))
+    print("\n".join(_shown(line) for line in out))
     return 0
+
+
+def _shown(line):
+    """A line as the terminal may get it: an image's labels, scripts and
+    names can hold escape sequences or line breaks that would forge output."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() or c == "\t" else ascii(c)[1:-1] for c in line)
 
 
 def _human(n):

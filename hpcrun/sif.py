@@ -31,6 +31,7 @@ METADATA_LIMIT = 16 << 20          # a metadata object larger than this is not r
 GROUP_MASK = 0xf0000000
 HASH_NAMES = {1: "sha256", 2: "sha384", 3: "sha512", 4: "blake2s-256", 5: "blake2b-256"}
 SIGNATURE_MAX = 1 << 20
+SIGNATURES_READ_MAX = 16 << 20     # bytes of signature objects inspect reads in all (100000 descriptors may share one)
 FS_SQUASH = 1
 PART_PRIMSYS = 2
 FS_NAMES = {1: "squashfs", 2: "ext3", 3: "immutable object", 4: "raw", 5: "encrypted squashfs"}
@@ -87,6 +88,7 @@ def signatures(path, fd, file_size):
     or the DSSE envelope's keyids.  Nothing is verified here."""
     import json
     out = []
+    budget = SIGNATURES_READ_MAX
     for d in _descriptors(path, fd, file_size):
         if d[0] != DATA_SIGNATURE:
             continue
@@ -96,8 +98,9 @@ def signatures(path, fd, file_size):
         sig = {"kind": "unknown", "hash": HASH_NAMES.get(hash_type, "type %d" % hash_type),
                "signs": ("object group %d" % (linked & ~GROUP_MASK)) if linked & GROUP_MASK
                else "object %d" % linked, "keys": []}
-        data = (os.pread(fd, size, offset) if 0 < size <= SIGNATURE_MAX and 0 <= offset <= file_size - size
-                else b"")
+        readable = 0 < size <= min(SIGNATURE_MAX, budget) and 0 <= offset <= file_size - size
+        data = os.pread(fd, size, offset) if readable else b""
+        budget -= len(data)
         if data.startswith(b"-----BEGIN PGP SIGNED MESSAGE-----"):
             sig["kind"] = "pgp"
             if any(entity):
@@ -134,11 +137,15 @@ def metadata(path):
         objects = [(d[0], d[5], d[6], d[12].split(b"\0", 1)[0].decode("utf-8", "replace"))
                    for d in _descriptors(path, fd, size)]
 
+        budget = [METADATA_LIMIT]         # in all: many descriptors may name one large object
+
         def read(offset, length, what):
             if offset < 0 or length < 0 or offset + length > size:
                 raise errors.Error(errors.DATA, "truncated SIF: %s object beyond the end of the file" % what, path)
-            if length > METADATA_LIMIT:
-                raise errors.Error(errors.DATA, "SIF %s object too large (%d bytes)" % (what, length), path)
+            if length > budget[0]:
+                raise errors.Error(errors.DATA, "SIF %s object too large (%d bytes; metadata objects take at "
+                                   "most %d in all)" % (what, length, METADATA_LIMIT), path)
+            budget[0] -= length
             return os.pread(fd, length, offset)
 
         attrs = {}

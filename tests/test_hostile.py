@@ -1518,3 +1518,62 @@ def test_run_singularity_without_path_does_not_look_in_the_cwd(case):
     case.assert_no_image_code(r)
     assert_error(r, errors.NOINPUT)
     case.assert_clean()
+
+
+ESCAPES_SHOWN = {"org.x": "v\x1b[2J\nforged: yes", "y\x1b]0;title\x07": "\u2028forged: too"}
+
+
+@pytest.mark.parametrize("kind", ["hpcrun", "sif"])
+def test_inspect_never_prints_an_image_s_escapes(case, small_payload, kind):
+    # Labels, runscripts and names are the image's: inspect shows their
+    # control characters escaped, never a forged line or a terminal escape.
+    # (Was: printed as they were.)
+    import siftools
+    if kind == "hpcrun":
+        meta = json.dumps({"labels": ESCAPES_SHOWN, "runscript": ["/bin/echo", "\x1b[31m\nforged: line"]})
+        img = hi.raw_image(os.path.join(case.dir, "esc.img"), small_payload, meta=meta.encode(), offset=4096)
+    else:
+        attrs = {"labels": ESCAPES_SHOWN, "runscript": "#!/bin/sh\necho \x1b]0;title\x07\x85forged: line\n"}
+        img = siftools.write(os.path.join(case.dir, "esc.sif"), [
+            siftools.partition(small_payload),
+            siftools.obj(siftools.GENERIC_JSON, json.dumps({"data": {"attributes": attrs}}).encode(),
+                         name="inspect-metadata.json")])
+    case.digests.add(hashlib.sha256(small_payload).hexdigest())
+    r = case.hpcrun("inspect", img, key=False)
+    assert_ok(r)
+    out = r.stdout.decode()
+    assert "\\x1b" in out
+    for line in out.split("\n"):
+        assert line.isprintable(), line
+        assert not line.startswith("forged"), out
+    assert json.loads(case.hpcrun("inspect", "--json", img, key=False).stdout)["labels"] == ESCAPES_SHOWN
+    case.assert_clean()
+
+
+@pytest.mark.parametrize("kind", ["signature", "metadata"])
+def test_sif_descriptors_naming_one_large_object(case, small_payload, kind):
+    # 2000 descriptors (up to 100000 fit the format) that name one 1 MiB
+    # object: inspect reads a bounded amount in all (16 MiB), not 2000 MiB.
+    # (Was: every one read and parsed, minutes for 100000.)
+    import siftools
+    from hpcrun import sif
+    n = 2000
+    big = b"{" + b" " * ((1 << 20) - 2) + b"}"
+    obj = (siftools.obj(siftools.SIGNATURE, big, extra=b"\1\0\0\0" + b"\0" * 20) if kind == "signature"
+           else siftools.obj(siftools.GENERIC_JSON, big, name="inspect-metadata.json"))
+    img = siftools.write(os.path.join(case.dir, "many.sif"), [siftools.partition(small_payload), obj], total=n)
+    with open(img, "r+b") as f:
+        f.seek(4096 + 585)
+        d = f.read(585)
+        f.seek(4096 + 2 * 585)
+        f.write(d * (n - 2))
+    case.digests.add(hashlib.sha256(small_payload).hexdigest())
+    r = case.hpcrun("inspect", "--json", img, key=False)
+    if kind == "signature":
+        assert_ok(r)
+        sigs = json.loads(r.stdout)["signatures"]
+        assert len(sigs) == n - 1
+        assert sum(s["kind"] == "dsse" for s in sigs) == sif.SIGNATURES_READ_MAX // len(big)
+    else:
+        assert_error(r, errors.DATA, "in all")
+    case.assert_clean()
