@@ -152,6 +152,11 @@ def _measure(hp, light, runs, rounds, env, budget):
             if p.returncode != 0:
                 return {"error": "%s: exit %d: %s" % (" ".join(argv), p.returncode, common.tail(p.stderr, 3))}
     res = {"trees": t, "strace": strace_count(case_list[-1][1], env, t), "cpu_ms": {}, "runs": runs}
+    # As an mpirun rank: a launcher variable makes the plan ask hpcrun.mpi (its own container key)
+    mpi_env = dict(env, OMPI_COMM_WORLD_RANK="0", OMPI_COMM_WORLD_SIZE="1")
+    for _ in range(WARMUP):
+        common.run_timed(case_list[-1][1], env=mpi_env, timeout=30)
+    res["strace_mpi"] = strace_count(case_list[-1][1], mpi_env, t)
     samples = {label: [] for label, _ in case_list}
     failures = 0
     for r in range(rounds):
@@ -201,6 +206,12 @@ def format_text(res):
         lines.append("metadata calls before the program's execve: %d; install tree %d (hpcrun package %d), "
                      "stdlib %d, rest %d" % (c["total"], c["install"], c["package"], c["stdlib"], c["rest"]))
         lines.append("  by call: " + ", ".join("%s %d" % kv for kv in sorted(s["by_call"].items())))
+    m = res.get("strace_mpi", {})
+    if "counts" in m:
+        c = m["counts"]
+        lines.append("  the same as an mpirun rank (OMPI_COMM_WORLD_RANK set): %d; install tree %d "
+                     "(hpcrun package %d), stdlib %d, rest %d" % (c["total"], c["install"], c["package"],
+                                                                  c["stdlib"], c["rest"]))
     lines.append("CPU (user+sys) ms per run, median (q1-q3) of %d rounds x %d runs:" % (res["rounds"], res["runs"]))
     for label, v in res["cpu_ms"].items():
         if v.get("n"):
