@@ -1577,3 +1577,21 @@ def test_sif_descriptors_naming_one_large_object(case, small_payload, kind):
     else:
         assert_error(r, errors.DATA, "in all")
     case.assert_clean()
+
+
+def test_oci_index_naming_itself_does_not_hang(case):
+    # Blob names are not checked against their content, so an image index can
+    # name itself: refused (65) after a few levels.  (Was: looped forever.)
+    import test_oci as oci
+    lay = oci.Layout(os.path.join(case.dir, "oci"))
+    name = "sha256:" + "a" * 64
+    index = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX,
+             "manifests": [{"mediaType": oci.OCI_INDEX, "digest": name, "size": 1}]}
+    for path in ("index.json", "blobs/sha256/" + "a" * 64):
+        with open(os.path.join(lay.path, path), "w") as f:
+            json.dump(index, f)
+    out_dir = case.mkdir_user("build")
+    r = case.hpcrun("build", os.path.join(out_dir, "x.img"), "--from", lay.path, key=False)
+    assert_error(r, errors.DATA, "nested")
+    assert os.listdir(out_dir) == []
+    case.assert_clean()

@@ -222,6 +222,9 @@ def _oci_dir(path, tree, log, platform):
         raise errors.Error(errors.DATA, "truncated or corrupt OCI layout: %s" % _why(e), path)
 
 
+INDEX_DEPTH_MAX = 8     # skopeo --all writes 2 (index.json, then the image index)
+
+
 def _oci(read, tree, path, log, platform):
     def blob(digest):
         algo, _, hexd = digest.partition(":")
@@ -229,7 +232,12 @@ def _oci(read, tree, path, log, platform):
             raise errors.Error(errors.DATA, "corrupt OCI image: bad digest %r" % digest, path)
         return read("blobs/%s/%s" % (algo, hexd))
     manifest = json.load(read("index.json"))
+    depth = 0
     while "manifests" in manifest:                   # an image index (index.json is one): pick the platform's
+        depth += 1
+        if depth > INDEX_DEPTH_MAX:                  # blob digests are names, not checked: an index can name itself
+            raise errors.Error(errors.DATA, "corrupt OCI image: image indexes nested more than %d deep"
+                               % INDEX_DEPTH_MAX, path)
         manifest = json.load(blob(_choose(manifest["manifests"], platform, path)["digest"]))
     layers = manifest["layers"]
     config = json.load(blob(manifest["config"]["digest"]))
