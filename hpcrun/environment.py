@@ -97,10 +97,16 @@ def valid_name(name):
     return bool(name) and (name[0].isalpha() or name[0] == "_") and all(c.isalnum() or c == "_" for c in name)
 
 
-def expand(value, env):
-    """$NAME, ${NAME} and ${NAME:-default} against env (unset expands to ''), like a shell would."""
+VALUE_MAX = 128 << 10      # MAX_ARG_STRLEN: execve(2) passes no longer environment string (E2BIG)
+
+
+def expand(value, env, limit=None):
+    """$NAME, ${NAME} and ${NAME:-default} against env (unset expands to ''), like a shell would.
+    limit: ValueError once substitutions add more than that many characters
+    (A=$B$B$B... over a few lines doubles without end)."""
     if "$" not in value:
         return value
+    added = 0
     out, i, n = [], 0, len(value)
     while i < n:
         c = value[i]
@@ -114,7 +120,10 @@ def expand(value, env):
                 out.append(value[i:])
                 break
             name, sep, default = value[i + 2:j].partition(":-")
-            out.append(env.get(name, "") or (expand(default, env) if sep else ""))
+            out.append(env.get(name, "") or (expand(default, env, limit) if sep else ""))
+            added += len(out[-1])
+            if limit is not None and added > limit:
+                raise ValueError(limit)
             i = j + 1
             continue
         j = i + 1
@@ -125,6 +134,9 @@ def expand(value, env):
             i += 1
             continue
         out.append(env.get(value[i + 1:j], ""))
+        added += len(out[-1])
+        if limit is not None and added > limit:
+            raise ValueError(limit)
         i = j
     return "".join(out)
 
@@ -150,11 +162,20 @@ def apply_file(env, path):
             # 'VALUE' is literal, as in a shell (an image config's Env: docs/design.md);
             # "VALUE" and a bare VALUE expand $NAME.
             if len(value) >= 2 and value[0] == value[-1] == "'":
-                env[name] = value[1:-1]
-                continue
-            if len(value) >= 2 and value[0] == value[-1] == '"':
                 value = value[1:-1]
-            env[name] = expand(value, env)
+            else:
+                if len(value) >= 2 and value[0] == value[-1] == '"':
+                    value = value[1:-1]
+                try:
+                    value = expand(value, env, VALUE_MAX)
+                except ValueError:
+                    value = None
+            if value is None or len(value) > VALUE_MAX:
+                # the image's own file: 127 "Argument list too long" at the exec would blame the command
+                from hpcrun import errors
+                raise errors.Error(errors.DATA, "%s: %s is longer than a program's environment takes "
+                                   "(128 KiB)" % (path, name))
+            env[name] = value
     if env.get("LD_LIBRARY_PATH", None) == "":
         del env["LD_LIBRARY_PATH"]
 

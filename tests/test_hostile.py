@@ -1595,3 +1595,24 @@ def test_oci_index_naming_itself_does_not_hang(case):
     assert_error(r, errors.DATA, "nested")
     assert os.listdir(out_dir) == []
     case.assert_clean()
+
+
+ENV_BOMBS = {
+    # each line multiplies the one before: 1000 chars, 300 KB, 30 MB
+    "doubling": "A=%s\nB=%s\nC=%s\n" % ("x" * 1000, "$A" * 300, "${B}" * 100),
+    "literal": "A='%s'\n" % ("x" * 200000),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ENV_BOMBS))
+def test_image_env_value_longer_than_exec_takes(case, kind):
+    # An image's /.hpcrun/env whose value outgrows what execve(2) passes (128
+    # KiB a string): one line 65 naming it, before anything larger is built.
+    # (Was: the value built whatever its size, then 127 "cannot execute:
+    # Argument list too long", blaming the command.)
+    root = case.root()
+    hi.write(root, "/.hpcrun/env", "PATH=/bin:/usr/bin\n" + ENV_BOMBS[kind])
+    img = case.image(root)
+    r = case.hpcrun(img, "cat", "/marker")
+    assert_error(r, errors.DATA, "/.hpcrun/env: ")
+    case.assert_clean()
