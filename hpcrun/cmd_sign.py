@@ -37,7 +37,9 @@ def _claimed_name(key):
     except OSError:
         return ""
     name = fields[2].strip() if len(fields) == 3 else b""
-    return name.decode("utf-8", "replace")[:200] if imagefile._printable(name) else ""
+    # what read_signatures accepts back: no control bytes, no U+2028/U+0085 line breaks
+    ok = imagefile._printable(name) and name.decode("utf-8").isprintable()
+    return name.decode("utf-8")[:200] if ok else ""
 
 
 def main(argv):

@@ -73,7 +73,7 @@ def read_signatures(path, fd, h, file_size):
             n = -1
         armored = raw[nl + 1:nl + 1 + n] if n > 0 else b""
         if (len(armored) != n or not armored.startswith(_ARMOR_BEGIN) or not armored.endswith(_ARMOR_END)
-                or not imagefile._printable(claimed)):
+                or not imagefile._printable(claimed) or not claimed.decode("utf-8").isprintable()):
             raise errors.Error(errors.DATA, "corrupt image: bad signature block at byte %d" % (start + pos), path)
         sig = Signature()
         sig.armored = armored

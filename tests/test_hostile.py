@@ -1330,6 +1330,9 @@ TRAILERS = {
     "size-past-eof": (_block(FAKE_SIG, size=b"%d" % (len(FAKE_SIG) + 1)), 65),
     "size-huge": (_block(FAKE_SIG, size=b"9" * 30), 65),
     "claimed-name-with-escape": (_block(FAKE_SIG, claimed=b"admin@site\x1b[2K"), 65),
+    # U+2028, U+0085: no control bytes, but line breaks to str.splitlines() and some terminals (was: accepted)
+    "claimed-name-with-line-separator": (_block(FAKE_SIG, claimed="a\u2028good signature".encode()), 65),
+    "claimed-name-with-next-line": (_block(FAKE_SIG, claimed="a\x85good signature".encode()), 65),
     "not-base64": (_block(_armor(b"x").replace(b"eA==", b"!!!!")), 65),
     "not-sshsig": (_block(_armor(b"NOTSIG" + b"\0" * 40)), 65),
     "blob-ends-early": (_block(_armor(b"SSHSIG\0\0\0\1\0\0\0\xff")), 65),
