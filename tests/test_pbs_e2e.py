@@ -177,6 +177,33 @@ def test_install_refuses_when_the_flag_cannot_be_added(pbs, tmp_path):
                                          "the flag: run qmgr -c 'set resource container_image flag=m'")
 
 
+def test_install_from_a_path_with_blanks(pbs, tmp_path):
+    """An admin's unpacked tree, e.g. "hpcrun 0.1/": qmgr must get each file name whole.
+    A non-ASCII path, which qmgr refuses however it is quoted, stops install.sh before any change."""
+    bad = tmp_path / "données"
+    shutil.copytree(os.path.join(testbed.REPO, "plugins", "pbs"), bad)
+    d = tmp_path / "hpcrun 0.1 (site)"
+    shutil.copytree(os.path.join(testbed.REPO, "plugins", "pbs"), d)
+    shutil.copy(write_config(pbs), d / "site config.json")
+    try:
+        pbs.remove_hooks()
+        r = subprocess.run([str(bad / "install.sh"), "--run", "--config", write_config(pbs)],
+                           capture_output=True, text=True, env=testbed.pbs_env())
+        assert r.returncode == 64 and r.stdout == "" and "qmgr cannot import" in r.stderr, r.stdout + r.stderr
+        assert "hpcrun_submit" not in pbs.qmgr("list hook").stdout
+        r = subprocess.run([str(d / "install.sh"), "--run", "--config", str(d / "site config.json")],
+                           capture_output=True, text=True, env=testbed.pbs_env())
+        assert r.returncode == 0, r.stdout + r.stderr
+        for hook in testbed.HOOK_NAMES:
+            got = pbs.qmgr("export hook %s application/x-python default" % hook).stdout
+            assert got.strip() == (d / "hpcrun_pbs_hook.py").read_text().strip()
+            got = pbs.qmgr("export hook %s application/x-config default" % hook).stdout
+            assert json.loads(got)["hpcrun"] == pbs.hpcrun_bin
+    finally:
+        r = pbs.install_hooks(config=write_config(pbs))
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
 # --- jobs that run in the image ---------------------------------------------------------------
 def test_mpi_ranks_read_a_file_only_the_image_has(pbs, test_user, work, app):
     """hpcrun's single-file image format (staged by each node's first rank)."""

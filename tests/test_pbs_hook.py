@@ -2,6 +2,8 @@
 prints.  How the hooks behave is tested on a real PBS in test_pbs_e2e.py."""
 import ast
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -41,6 +43,23 @@ def test_install_prints_a_resource_the_mom_receives():
     out = subprocess.run([INSTALL, "--resource", "hpcrun_image"], capture_output=True, text=True,
                          check=True).stdout
     assert out.splitlines()[0] == "qmgr -c 'create resource hpcrun_image type=string,flag=m'"
+
+
+def test_install_quotes_the_files_it_imports(tmp_path):
+    """An install tree under a path with blanks, quotes or non-ASCII: qmgr splits an
+    unquoted file name at blanks (docs/pbs.md, Install)."""
+    d = tmp_path / "hpcrun 0.1 'site'"
+    shutil.copytree(os.path.dirname(INSTALL), d)
+    out = subprocess.run([str(d / "install.sh")], capture_output=True, text=True, check=True).stdout
+    line = [ln for ln in out.splitlines() if "hpcrun_submit application/x-python" in ln][0]
+    assert shlex.split(line) == ["qmgr", "-c", 'import hook hpcrun_submit application/x-python default "%s"'
+                                 % (d / "hpcrun_pbs_hook.py")], line
+    for name in ('a"b', "données"):       # qmgr takes neither, quoted or not
+        bad = tmp_path / name
+        shutil.copytree(os.path.dirname(INSTALL), bad)
+        p = subprocess.run([str(bad / "install.sh")], capture_output=True, text=True)
+        assert p.returncode == 64 and p.stdout == "", p.stdout + p.stderr
+        assert p.stderr.startswith("install.sh: error: qmgr cannot import") and name in p.stderr
 
 
 def test_install_bad_usage():

@@ -38,6 +38,15 @@ for f in "$hook" "$config"; do
     [ -r "$f" ] || { echo "install.sh: error: file not readable ($f)" >&2; exit 66; }
 done
 case "$config" in /*) ;; *) config="$(pwd)/$config" ;; esac
+# qmgr takes a file name with blanks only quoted, and none with a '"' or a byte
+# outside printable ASCII (OpenPBS 23.06: "Syntax error"): refuse before any change.
+for f in "$hook" "$config"; do
+    case "$f" in *'"'* | *[!\ -~]*)
+        echo "install.sh: error: qmgr cannot import a file whose path has a '\"' or a non-ASCII" \
+             "character: copy it to a plain path and give that ($f)" >&2
+        exit 64 ;;
+    esac
+done
 
 commands() {
     echo "create resource $resource type=string,flag=m"
@@ -45,19 +54,19 @@ commands() {
     echo "create hook hpcrun_submit"
     echo "set hook hpcrun_submit event=\"queuejob,modifyjob\""
     echo "set hook hpcrun_submit alarm=30"
-    echo "import hook hpcrun_submit application/x-python default $hook"
-    echo "import hook hpcrun_submit application/x-config default $config"
+    echo "import hook hpcrun_submit application/x-python default \"$hook\""
+    echo "import hook hpcrun_submit application/x-config default \"$config\""
     echo "create hook hpcrun_launch"
     echo "set hook hpcrun_launch event=execjob_launch"
     echo "set hook hpcrun_launch alarm=30"
     echo "set hook hpcrun_launch order=100"
-    echo "import hook hpcrun_launch application/x-python default $hook"
-    echo "import hook hpcrun_launch application/x-config default $config"
+    echo "import hook hpcrun_launch application/x-python default \"$hook\""
+    echo "import hook hpcrun_launch application/x-config default \"$config\""
 }
 
 if [ "$run" = 0 ]; then
     commands | while IFS= read -r c; do
-        printf "qmgr -c '%s'\n" "$c"
+        printf "qmgr -c '%s'\n" "$(printf '%s' "$c" | sed "s/'/'\\\\''/g")"   # pastable with a ' in a path
     done
     exit 0
 fi
