@@ -232,4 +232,37 @@ def exec_in_place(argv, env):
         os.execve(argv[0], argv, env)
     except OSError as e:
         code = errors.NOTEXEC if e.errno in (13, 8) else errors.NOTFOUND
+        missing = missing_interpreter(argv[0]) if e.errno == 2 else None
+        if missing:
+            raise errors.Error(code, "cannot execute: its %s is not in the image" % missing, argv[0])
         raise errors.Error(code, "cannot execute: %s" % e.strerror, argv[0])
+
+
+def missing_interpreter(path):
+    """Why execve said ENOENT for a file that exists: the `#!` interpreter or
+    the ELF loader (PT_INTERP) it names is missing inside, typically a host
+    program copied into an image without its libraries.  None if neither."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+            if head.startswith(b"#!"):
+                words = head[2:].split(b"\n", 1)[0].split()
+                interp, what = (words[0] if words else b""), "#! interpreter"
+            elif head[:6] == b"\x7fELF\x02\x01":         # 64-bit little-endian
+                interp, what = None, "ELF loader"
+                phoff, phsize, phnum = (int.from_bytes(head[0x20:0x28], "little"),
+                                        int.from_bytes(head[0x36:0x38], "little"),
+                                        int.from_bytes(head[0x38:0x3a], "little"))
+                for i in range(min(phnum, 64)):
+                    ph = head[phoff + i * phsize:phoff + (i + 1) * phsize]
+                    if len(ph) >= 40 and int.from_bytes(ph[0:4], "little") == 3:      # PT_INTERP
+                        f.seek(int.from_bytes(ph[8:16], "little"))
+                        interp = f.read(min(int.from_bytes(ph[32:40], "little"), 4096)).rstrip(b"\0")
+                        break
+            else:
+                return None
+    except OSError:
+        return None
+    if not interp or os.path.exists(interp):
+        return None
+    return "%s %s" % (what, os.fsdecode(interp))

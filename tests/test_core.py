@@ -248,6 +248,15 @@ def core_root(core_dir, euid_prog):
     os.symlink("/loop2", os.path.join(root, "loop1"))            # a cycle
     os.symlink("loop1", os.path.join(root, "loop2"))
     write(os.path.join(root, "bin/notexec"), "#!/bin/sh\necho should not run\n", 0o644)
+    # a host program copied in without its loader, a script whose interpreter is not there
+    with open("/bin/true", "rb") as f:
+        elf = f.read()
+    loader = b"/lib64/ld-linux-x86-64.so.2"
+    assert loader in elf
+    with open(os.path.join(root, "bin/noloader"), "wb") as f:
+        f.write(elf.replace(loader, b"/lib64/ld-nolib-x86-64.so.2"))
+    os.chmod(os.path.join(root, "bin/noloader"), 0o755)
+    write(os.path.join(root, "bin/nointerp"), "#!/usr/bin/no-such-python3 -u\nprint(1)\n", 0o755)
     os.makedirs(os.path.join(root, "data"))
     write(os.path.join(root, "data/readme"), "image data\n")
     return root
@@ -733,6 +742,10 @@ ERROR_CASES = [
     ("command-not-found-abs", lambda b, img: [img, "/bin/no-such"], errors.NOTFOUND, "not found", "both"),
     ("command-not-executable", lambda b, img: [img, "/bin/notexec"], errors.NOTEXEC, "not executable", "both"),
     ("command-is-a-directory", lambda b, img: [img, "/etc"], errors.NOTEXEC, "not executable", "both"),
+    ("command-without-its-loader", lambda b, img: [img, "/bin/noloader"], errors.NOTFOUND,
+     "its ELF loader /lib64/ld-nolib-x86-64.so.2 is not in the image", "both"),
+    ("script-without-its-interpreter", lambda b, img: [img, "nointerp"], errors.NOTFOUND,
+     "its #! interpreter /usr/bin/no-such-python3 is not in the image", "both"),
     ("bind-source-missing", lambda b, img: ["-B", b["missing"] + ":/x", img, "true"], errors.NOINPUT,
      "bind source not found", "both"),
     ("bind-source-unreadable", lambda b, img: ["-B", b["unreadable_file"] + ":/x", img, "true"], errors.NOINPUT,
