@@ -309,7 +309,31 @@ class Pbs:
             argv += ["--config", config]
         if resource:
             argv += ["--resource", resource]
-        return subprocess.run(argv, capture_output=True, text=True, env=pbs_env())
+        r = subprocess.run(argv, capture_output=True, text=True, env=pbs_env())
+        if r.returncode == 0:
+            self.wait_for_mom_hooks()
+        return r
+
+    def wait_for_mom_hooks(self, timeout=60):
+        """The server sends a changed execjob hook (its script and config) to the
+        moms on its own time; qmgr returns before that.  A job started in
+        between runs the mom's old copy (seen: a job without its image)."""
+        server = os.path.join(HOME, "server_priv", "hooks")
+        mom = os.path.join(HOME, "mom_priv", "hooks")
+        deadline = time.monotonic() + timeout
+        while True:
+            stale = []
+            for name in HOOK_NAMES:
+                for ext in (".PY", ".CF"):
+                    want = _read_or_none(os.path.join(server, name + ext))
+                    if want is not None and name == "hpcrun_launch" and \
+                            _read_or_none(os.path.join(mom, name + ext)) != want:
+                        stale.append(name + ext)
+            if not stale:
+                return
+            if time.monotonic() > deadline:
+                raise TestbedError("the mom did not receive the hooks within %d s: %s" % (timeout, stale))
+            time.sleep(0.2)
 
     def remove_hooks(self):
         for name in HOOK_NAMES:
@@ -503,3 +527,11 @@ if __name__ == "__main__":
             raise SystemExit("usage: pbs.py build|start|stop|status")
     except TestbedError as err:
         raise SystemExit("testbed/pbs: error: %s" % err)
+
+
+def _read_or_none(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
