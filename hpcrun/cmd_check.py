@@ -43,6 +43,7 @@ def main(argv):
             raise errors.Error(errors.USAGE, "check takes at most one image", a)
     cfg = config_mod.load(os.environ)
     rep = Report()
+    _config(rep, cfg)
     _namespaces(rep)
     _fuse(rep)
     _launcher(rep)
@@ -68,6 +69,15 @@ def _read(path):
             return f.read().strip()
     except OSError:
         return None
+
+
+def _config(rep, cfg):
+    unknown = sorted(k for k in cfg.values if k not in config_mod.KNOWN_KEYS)
+    if unknown:
+        rep.add("config", "unknown keys, ignored by every launch: " + ", ".join(
+            "%s (%s)" % (k, cfg.origin.get(k, "?")) for k in unknown), "warn")
+    elif cfg.sources:
+        rep.add("config", ", ".join(cfg.sources))
 
 
 def _namespaces(rep):

@@ -30,6 +30,19 @@ DEFAULTS = {
 }
 
 
+# Every key some module reads (docs/config.md has a row or a line for each).  The
+# launch ignores others; `hpcrun check` names them, so a typo such as
+# `forbid-bnd` does not silently leave a policy unset.
+KNOWN_KEYS = frozenset((
+    "mount_strategy", "writable_layer", "run_dir", "linger", "keeper_timeout",
+    "require_signature", "allowed_signers",
+    "default_binds", "bind", "allow_user_binds", "forbid_bind",
+    "mpi", "mpi_auto_prefer", "mpi_lib", "mpi_flavor", "mpi_version", "mpi_host_extra", "fabric_extra",
+    "mpi_ldcache", "mpi_host_bind", "mpi_site_mca_params", "munge_socket_dir",
+    "nv", "nv_extra", "nv_devices", "nv_ldcache", "nv_path", "nv_container_cli",
+    "rocm", "rocm_extra", "rocm_devices", "rocm_ldcache", "rocm_path"))
+
+
 # What a user's HPCRUN_CONF may set: choices that are the user's own anyway
 # (most have a command-line or environment equivalent).  Everything else -
 # binds, host libraries and devices, mount_strategy, any key added later - is

@@ -66,3 +66,36 @@ def test_bad_input(hpcrun_bin, tmp_path):
     assert r.returncode != 0 and "image not found" in r.stdout
     r = check(hpcrun_bin, "--bogus")
     assert r.returncode == 64 and r.stderr.startswith("hpcrun: error:") and "Traceback" not in r.stderr
+
+
+def test_unknown_config_keys_are_named(hpcrun_bin, tmp_path):
+    # A misspelt policy key is ignored by every launch: check is where an admin sees it.
+    conf = tmp_path / "site.conf"
+    conf.write_text("forbid-bnd = /root\nlinger = 5\n")
+    (tmp_path / "site.conf.d").mkdir()
+    (tmp_path / "site.conf.d" / "50-x.conf").write_text("nv_extras = libfoo.so\n")
+    r = check(hpcrun_bin, "--json", env={"HPCRUN_CONF": str(conf)})
+    rows = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert rows["config"]["status"] == "warn", rows["config"]
+    assert "forbid_bnd (%s)" % conf in rows["config"]["value"]
+    assert "nv_extras (%s)" % (tmp_path / "site.conf.d" / "50-x.conf") in rows["config"]["value"]
+    assert "linger" not in rows["config"]["value"]
+    conf.write_text("forbid_bind = /root\n")
+    (tmp_path / "site.conf.d" / "50-x.conf").write_text("nv_extra = libfoo.so\n")
+    rows = {c["name"]: c for c in json.loads(check(hpcrun_bin, "--json", env={"HPCRUN_CONF": str(conf)}).stdout)["checks"]}
+    assert rows["config"]["status"] == "ok" and str(conf) in rows["config"]["value"], rows["config"]
+
+
+def test_known_keys_are_the_documented_ones():
+    """config.KNOWN_KEYS and docs/config.md name the same keys: a key added to one
+    and not the other would be warned about, or undocumented."""
+    import re
+    from hpcrun import config
+    with open(os.path.join(os.path.dirname(HERE), "docs", "config.md")) as f:
+        text = f.read()
+    rows = set(re.findall(r"^\| `([a-z_]+)`", text, re.M))
+    rows |= {k for pair in re.findall(r"^\| `([a-z_]+)`, `([a-z_]+)`", text, re.M) for k in pair}
+    rocm = text[text.index("`--rocm` (AMD GPUs) reads the same keys"):]
+    rows |= set(re.findall(r"`(rocm(?:_[a-z]+)?)`", rocm[:rocm.index("\n\n")]))
+    assert rows == set(config.KNOWN_KEYS), (rows ^ set(config.KNOWN_KEYS))
