@@ -315,20 +315,20 @@ class Pbs:
         return r
 
     def wait_for_mom_hooks(self, timeout=60):
-        """The server sends a changed execjob hook (its script and config) to the
-        moms on its own time; qmgr returns before that.  A job started in
+        """The server sends a changed execjob hook (its script and config) and
+        the resource definitions to the moms on its own time; qmgr returns
+        before that.  A job started in
         between runs the mom's old copy (seen: a job without its image)."""
         server = os.path.join(HOME, "server_priv", "hooks")
         mom = os.path.join(HOME, "mom_priv", "hooks")
         deadline = time.monotonic() + timeout
         while True:
             stale = []
-            for name in HOOK_NAMES:
-                for ext in (".PY", ".CF"):
-                    want = _read_or_none(os.path.join(server, name + ext))
-                    if want is not None and name == "hpcrun_launch" and \
-                            _read_or_none(os.path.join(mom, name + ext)) != want:
-                        stale.append(name + ext)
+            # the execjob hook's script and config, and the custom resources (flag=m) it reads
+            for name in ("hpcrun_launch.PY", "hpcrun_launch.CF", "resourcedef"):
+                want = _read_or_none(os.path.join(server, name))
+                if want is not None and _read_or_none(os.path.join(mom, name)) != want:
+                    stale.append(name)
             if not stale:
                 return
             if time.monotonic() > deadline:
