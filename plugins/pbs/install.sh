@@ -93,6 +93,23 @@ commands | while IFS= read -r c; do
     echo "+ qmgr -c '$c'"
     if ! "$qmgr" -c "$c"; then
         case "$c" in
+            "create hook "*)
+                # A hook deleted a moment ago stays "pending delete" until every mom has
+                # let go of it: then wait for the name to be free; else it is a re-install.
+                name=${c#create hook }
+                if "$qmgr" -c "list hook $name" >/dev/null 2>&1; then
+                    echo "install.sh: already there, keeping it ($c)" >&2
+                else
+                    n=0
+                    until "$qmgr" -c "$c" 2>/dev/null; do
+                        n=$((n + 1))
+                        if [ $n -ge 60 ]; then
+                            echo "install.sh: error: hook $name is still being deleted after 60 s ($c)" >&2
+                            exit 71
+                        fi
+                        sleep 1
+                    done
+                fi ;;
             create*) echo "install.sh: already there, keeping it ($c)" >&2 ;;   # re-install
             *) echo "install.sh: error: qmgr failed ($c)" >&2; exit 71 ;;
         esac
