@@ -27,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import imagetools  # noqa: E402
+from checks import keepers_of  # noqa: E402
 from hpcrun import imagefile, signature  # noqa: E402
 
 
@@ -86,7 +87,7 @@ def main():
 
         def wait_gone():
             deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and _keepers(img):
+            while time.monotonic() < deadline and keepers_of(img):
                 time.sleep(0.05)
 
         def cold(conf):
@@ -111,21 +112,6 @@ def main():
         os.close(fd)
     finally:
         shutil.rmtree(d, ignore_errors=True)
-
-
-def _keepers(path):
-    out = []
-    for name in os.listdir("/proc"):
-        try:
-            with open("/proc/%s/comm" % name) as f:
-                if f.read().strip() != "hpcrun-keeper":
-                    continue
-            with open("/proc/%s/cmdline" % name, "rb") as f:
-                if path.encode() in f.read():
-                    out.append(name)
-        except OSError:
-            continue
-    return out
 
 
 if __name__ == "__main__":

@@ -89,3 +89,25 @@ def make_image(root, out, meta=None):
         os.unlink(sq)
     os.chmod(out, 0o755)
     return out
+
+
+def layer_tar(files, mtime=0):
+    """files: {name: bytes | None (directory) | ("sym", target)} -> the bytes of
+    a tar layer (PAX, as image tools write them), every entry dated `mtime`."""
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, content in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.mtime = mtime
+            if content is None:
+                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+                t.addfile(ti)
+            elif isinstance(content, tuple):
+                ti.type, ti.linkname = tarfile.SYMTYPE, content[1]
+                t.addfile(ti)
+            else:
+                ti.size, ti.mode = len(content), 0o755
+                t.addfile(ti, io.BytesIO(content))
+    return buf.getvalue()

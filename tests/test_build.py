@@ -10,6 +10,8 @@ import tarfile
 
 import pytest
 
+import imagetools
+
 from hpcrun import elf, imagefile, ldcache
 
 
@@ -206,34 +208,16 @@ def test_from_directory(hpcrun_bin, busybox_root, work):
     assert "hpcrun test image (busybox)" in r.stdout, r.stderr
 
 
-def _layer(files):
-    """files: {name: bytes | None (directory) | ("sym", target)} -> tar bytes."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as t:
-        for name, content in files.items():
-            ti = tarfile.TarInfo(name)
-            if content is None:
-                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
-                t.addfile(ti)
-            elif isinstance(content, tuple):
-                ti.type, ti.linkname = tarfile.SYMTYPE, content[1]
-                t.addfile(ti)
-            else:
-                ti.size, ti.mode = len(content), 0o755
-                t.addfile(ti, io.BytesIO(content))
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def docker_tar(work):
     """A docker-save style archive: busybox in layer 1; layer 2 deletes a file
     (whiteout), empties a directory (opaque whiteout) and adds one file."""
     with open("/bin/busybox", "rb") as f:
         bb = f.read()
-    layer1 = _layer({"bin": None, "bin/busybox": bb, "bin/sh": ("sym", "busybox"), "bin/cat": ("sym", "busybox"),
+    layer1 = imagetools.layer_tar({"bin": None, "bin/busybox": bb, "bin/sh": ("sym", "busybox"), "bin/cat": ("sym", "busybox"),
                      "bin/ls": ("sym", "busybox"), "etc": None, "etc/gone.conf": b"x\n", "opt": None,
                      "opt/old": None, "opt/old/a": b"a\n", "opt/old/b": b"b\n"})
-    layer2 = _layer({"etc/.wh.gone.conf": b"", "opt/old/.wh..wh..opq": b"", "opt/old/new": b"new\n",
+    layer2 = imagetools.layer_tar({"etc/.wh.gone.conf": b"", "opt/old/.wh..wh..opq": b"", "opt/old/new": b"new\n",
                      "etc/kept.conf": b"kept\n"})
     config = {"config": {"Env": ["PATH=/bin", "FROM_DOCKER=yes"], "Cmd": ["/bin/ls", "/opt/old"],
                          "Labels": {"org.test.base": "docker"}}}

@@ -31,6 +31,8 @@ import uuid
 
 import pytest
 
+from checks import assert_one_error  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(__file__))
 import imagetools  # noqa: E402
 
@@ -156,17 +158,6 @@ def eventually(pred, timeout=30.0):
 def host_mounts(fragment):
     with open("/proc/self/mountinfo") as f:
         return [line for line in f if fragment in line]
-
-
-def assert_one_error(r, code, *fragments):
-    """The error contract: one stderr line `hpcrun: error: ...`, the code, no traceback."""
-    lines = r.stderr.splitlines()
-    assert r.returncode == code, "expected %d, got %d: %r" % (code, r.returncode, r.stderr)
-    assert len(lines) == 1, "expected one stderr line: %r" % r.stderr
-    assert lines[0].startswith("hpcrun: error: "), lines[0]
-    assert "Traceback" not in r.stderr and "internal error" not in r.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
 
 
 def payload_digest(img):

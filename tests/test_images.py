@@ -25,7 +25,7 @@ import uuid
 
 import pytest
 
-from procs import eventually, keepers_of
+from checks import assert_one_error, eventually, keepers_of
 
 import imagetools
 from hpcrun import errors, image as image_mod, stage as stage_mod
@@ -79,15 +79,6 @@ def user_caller(hpcrun_bin, test_user):
 @pytest.fixture(params=["root", "user"])
 def caller(request):
     return request.getfixturevalue(request.param + "_caller")
-
-
-def assert_one_error(r, code, *fragments):
-    lines = r.stderr.splitlines()
-    assert r.returncode == code, "expected %d, got %d: %r" % (code, r.returncode, r.stderr)
-    assert len(lines) == 1 and lines[0].startswith("hpcrun: error: "), r.stderr
-    assert "Traceback" not in r.stderr and "internal error" not in r.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
 
 
 def host_mounts(fragment):

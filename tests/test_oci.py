@@ -7,14 +7,14 @@ on this machine the same image is run by podman too and the outputs compared.
 """
 import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
 import subprocess
-import tarfile
 
 import pytest
+
+import imagetools
 
 from hpcrun import environment
 from hpcrun.imagebuild import base
@@ -32,22 +32,7 @@ def run(argv, **kw):
 
 
 def layer_tar(files):
-    """files: {name: bytes | None (a directory) | ("sym", target)} -> an uncompressed layer."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
-        for name, content in files.items():
-            ti = tarfile.TarInfo(name)
-            ti.mtime = 1700000000
-            if content is None:
-                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
-                t.addfile(ti)
-            elif isinstance(content, tuple):
-                ti.type, ti.linkname = tarfile.SYMTYPE, content[1]
-                t.addfile(ti)
-            else:
-                ti.size, ti.mode = len(content), 0o755
-                t.addfile(ti, io.BytesIO(content))
-    return buf.getvalue()
+    return imagetools.layer_tar(files, mtime=1700000000)
 
 
 def busybox_layer(extra=None):

@@ -13,6 +13,8 @@ import tempfile
 
 import pytest
 
+from checks import assert_one_error  # noqa: E402
+
 import imagetools
 
 SIF = "/work/shared/data/sif/one-group.sif"
@@ -52,14 +54,6 @@ def _inspect_pin(as_user, hpcrun_bin, img):
     r = as_user([hpcrun_bin, "inspect", "--json", img])
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["pin"]
-
-
-def assert_one_error(r, code, *fragments):
-    lines = r.stderr.splitlines()
-    assert r.returncode == code, (r.returncode, r.stderr)
-    assert len(lines) == 1 and lines[0].startswith("hpcrun: error: "), r.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
 
 
 def mounts_of(path):

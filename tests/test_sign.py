@@ -12,20 +12,11 @@ import tempfile
 
 import pytest
 
-from procs import eventually, keepers_of
+from checks import assert_one_error, eventually, keepers_of
 
 from hpcrun import errors, imagefile
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen (openssh-client) missing")
-
-
-def assert_one_error(r, code, *fragments):
-    lines = r.stderr.splitlines()
-    assert r.returncode == code, "expected %d, got %d: %r" % (code, r.returncode, r.stderr)
-    assert len(lines) == 1 and lines[0].startswith("hpcrun: error: "), r.stderr
-    assert "Traceback" not in r.stderr and "internal error" not in r.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Waiting on the node's keepers from a test: find them, and poll for a state."""
+"""Checks the test files share: the error contract, and waiting on the node's keepers."""
 import os
 import time
 
@@ -28,3 +28,14 @@ def eventually(pred, timeout=30.0, step=0.05):
             return False
         time.sleep(step)
     return True
+
+
+def assert_one_error(r, code, *fragments):
+    """The error contract: one stderr line `hpcrun: error: ...`, the code, no traceback."""
+    lines = r.stderr.splitlines()
+    assert r.returncode == code, "expected %d, got %d: %r" % (code, r.returncode, r.stderr)
+    assert len(lines) == 1, "expected one stderr line: %r" % r.stderr
+    assert lines[0].startswith("hpcrun: error: "), lines[0]
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
