@@ -34,7 +34,7 @@ DEFAULTS = {
 # launch ignores others; `hpcrun check` names them, so a typo such as
 # `forbid-bnd` does not silently leave a policy unset.
 KNOWN_KEYS = frozenset((
-    "mount_strategy", "writable_layer", "run_dir", "linger", "keeper_timeout",
+    "mount_strategy", "writable_layer", "run_dir", "broadcast_dir", "linger", "keeper_timeout",
     "require_signature", "allowed_signers",
     "default_binds", "bind", "allow_user_binds", "forbid_bind",
     "mpi", "mpi_auto_prefer", "mpi_lib", "mpi_flavor", "mpi_version", "mpi_host_extra", "fabric_extra",
@@ -47,7 +47,7 @@ KNOWN_KEYS = frozenset((
 # (most have a command-line or environment equivalent).  Everything else -
 # binds, host libraries and devices, mount_strategy, any key added later - is
 # site policy, refused from a user's file (fail closed).
-USER_KEYS = frozenset(("linger", "keeper_timeout", "run_dir", "mpi", "mpi_auto_prefer", "nv", "rocm",
+USER_KEYS = frozenset(("linger", "keeper_timeout", "run_dir", "broadcast_dir", "mpi", "mpi_auto_prefer", "nv", "rocm",
                        "writable_layer"))
 # Keys a user's file may only make stricter: forbid_bind adds to the list; a
 # boolean may be switched to "no" only.

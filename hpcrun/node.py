@@ -302,12 +302,15 @@ def _build(plan, cfg, dir_fd, run_dir, proc_fd):
     """Namespaces, workspace, image, wiring, root; returns the stage.Stage
     (what must be released when the keeper ends)."""
     from hpcrun import linux, rootfs, stage
-    if cfg.getbool("require_signature"):
+    bcast = stage.find_broadcast(plan, cfg, run_dir)      # docs/broadcast.md
+    signed = cfg.getbool("require_signature")
+    if signed:
         # Site policy, once per keeper (node, image identity, mount plan), before any mount.
-        # A payload that will be staged is hashed as it is copied: not read twice.
+        # A payload that will be staged is hashed as it is copied, a broadcast copy
+        # before it is mounted: not read twice, nor from the shared file.
         from hpcrun import signature
         how = stage.strategy(plan)
-        staged = bool(plan["image"].get("offset")) and (
+        staged = bool(bcast) or bool(plan["image"].get("offset")) and (
             how == "extract" or (how == "fuse" and not stage.squashfuse_has_offset()))
         signature.enforce(plan["image"], cfg, payload_checked_later=staged)
     uid, gid = plan["uid"], plan["gid"]
@@ -334,7 +337,7 @@ def _build(plan, cfg, dir_fd, run_dir, proc_fd):
         for d in ("image", "upper", "work", "root", "files"):
             os.mkdir(os.path.join(ws, d), 0o755)
         image_root = os.path.join(ws, "image")
-        st = stage.mount_image(plan, image_root, dir_fd, run_dir)
+        st = stage.mount_image(plan, image_root, dir_fd, run_dir, bcast, verify_bcast=signed)
         plan["image_meta"] = rootfs.read_meta(image_root)
         _site_wiring(plan, cfg, image_root)
         if plan["user"] is None:

@@ -11,6 +11,9 @@ Strategies (config `mount_strategy`, docs/staging.md has the measurements):
   extract  unsquashfs into the keeper's tmpfs, i.e. RAM (sites without FUSE);
            4-10x slower than staging, see docs/staging.md.
   auto     kernel as root, fuse otherwise.
+A payload that `hpcrun broadcast` put into the node-local broadcast
+directory (docs/broadcast.md) is mounted from there instead, by every
+strategy: no staging copy and no read of the shared file for the payload.
 Directories (sandboxes) are bound as they are.
 All of this runs in the keeper, after unshare: the mounts exist only in the
 container's mount namespace and vanish with it.
@@ -123,13 +126,29 @@ class Stage:
         self.extract_dir = None
 
 
-def mount_image(plan, target, run_dir_fd, run_dir):
+def mount_image(plan, target, run_dir_fd, run_dir, bcast=None, verify_bcast=False):
+    """bcast: the node-local broadcast copy of the payload (find_broadcast),
+    mounted at offset 0 instead of the image file; verify_bcast: hash it
+    against the header's claim first (the signature policy's payload check)."""
     img = plan["image"]
     how = strategy(plan)
     st = Stage()
     flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
     if img["kind"] == "hpcrun":
         _check_header(img)
+    if bcast and how != "dir":
+        _check_identity(img)          # the source is still the file the plan named
+        if verify_bcast:
+            _verify_copy(bcast, img)
+        if how == "kernel":
+            _loop_mount(dict(img, path=bcast, offset=0), target)
+        elif how == "fuse":
+            _squashfuse(bcast, target, [], st)
+        else:
+            _extract(bcast, target, st)
+        plan["stage"] = {"strategy": how, "source": bcast, "offset": 0, "broadcast": True}
+        plan.setdefault("notes", []).append("image mounted from its node-local broadcast copy %s" % bcast)
+        return st
     if how == "dir":
         linux.mount(img["path"], target, None, linux.MS_BIND | linux.MS_REC)
         linux.mount(None, target, None, linux.MS_REMOUNT | linux.MS_BIND | flags)
@@ -153,6 +172,115 @@ def mount_image(plan, target, run_dir_fd, run_dir):
     plan["stage"] = {"strategy": how, "source": st.stage_path or img["path"],
                      "offset": 0 if st.stage_path else img.get("offset", 0)}
     return st
+
+
+# ----------------------------------------------------- broadcast copies ---
+# Contract (docs/broadcast.md): <broadcast_dir>[/job-<ID>]/<name>, name from
+# broadcast_name(); written by `hpcrun broadcast` as .tmp.<pid>.<name> and
+# renamed only after its sha256 matched; the directories private to the user.
+
+def broadcast_root(cfg, run_dir, uid):
+    """The node-local broadcast directory (config broadcast_dir; default run_dir/bcast)."""
+    value = cfg.get("broadcast_dir") if cfg is not None else None
+    return (value or os.path.join(run_dir, "bcast")).replace("%u", str(uid))
+
+
+def job_id(environ):
+    """The batch job a broadcast belongs to (its copies live in job-<ID>/,
+    removed at job end), or None; an ID that is not a plain name is refused."""
+    job = environ.get("SLURM_JOB_ID") or environ.get("PBS_JOBID")
+    return job if job and valid_job_id(job) else None
+
+
+def valid_job_id(job):
+    ok = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
+    return 0 < len(job) <= 128 and job[0] not in ".-" and all(c in ok for c in job)
+
+
+def source_key(path, ident, pin):
+    """What names an image that claims no digest (plain SquashFS, SIF) across
+    nodes: its real path, size, mtime and pin (device, inode and ctime differ
+    from node to node on a shared file system)."""
+    try:
+        from _sha256 import sha256
+    except ImportError:
+        from hashlib import sha256
+    fields = ident.split(":")
+    text = "%s\0%s\0%s\0%s" % (os.path.realpath(path), fields[3], fields[4], pin or "")
+    return sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def broadcast_name(img):
+    """img: the plan's image.  An hpcrun image's copy is named by its
+    verified digest; any other by a link named from source_key()."""
+    if img.get("sha256_claimed"):
+        return "sha256_%s.sqfs" % img["sha256_claimed"]
+    return "src_%s.sqfs" % source_key(img["path"], img["ident"], img.get("pin"))
+
+
+def _private_dir(name, dir_fd, uid):
+    """A directory of ours that nobody else can write, or None."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if st.st_uid != uid or st.st_mode & 0o022:
+        os.close(fd)
+        return None
+    return fd
+
+
+def find_broadcast(plan, cfg, run_dir, environ=os.environ):
+    """The keeper's lookup: the path of this image's node-local broadcast
+    copy (the job's directory first, then the broadcast directory itself),
+    or None.  Only a regular file of ours, of the payload's size, in
+    directories of ours that nobody else can write, counts."""
+    img = plan["image"]
+    if img["kind"] == "dir" or "offset" not in img:
+        return None
+    root = broadcast_root(cfg, run_dir, plan["uid"])
+    name = broadcast_name(img)
+    job = job_id(environ)
+    top = _private_dir(root, None, plan["uid"])
+    if top is None:
+        return None
+    try:
+        for sub in (["job-" + job] if job else []) + [None]:
+            fd = _private_dir(sub, top, plan["uid"]) if sub else top
+            if fd is None:
+                continue
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue
+            finally:
+                if fd != top:
+                    os.close(fd)
+            if (st.st_mode & 0o170000 == 0o100000 and st.st_uid == plan["uid"]
+                    and st.st_size == img["size"] and not st.st_mode & 0o022):
+                return os.path.join(root, sub, name) if sub else os.path.join(root, name)
+    finally:
+        os.close(top)
+    return None
+
+
+def _verify_copy(path, img):
+    """The payload check the signature policy wants, on the node-local copy:
+    its sha256 must be the header's claim (which the signature covers)."""
+    import hashlib
+    from hpcrun import imagefile
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        while True:
+            chunk = os.read(fd, COPY_BLOCK)
+            if not chunk:
+                break
+            digest.update(chunk)
+    finally:
+        os.close(fd)
+    imagefile.check_digest(path, img.get("sha256_claimed"), digest.hexdigest())
 
 
 def _check_header(img):
