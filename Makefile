@@ -10,7 +10,7 @@ VENV     ?= .venv
 APT_PKGS  = squashfs-tools squashfuse fuse3 openmpi-bin libopenmpi-dev busybox-static \
             charliecloud-runtime slurm-wlm slurmctld slurmd slurm-client munge libslurm-dev \
             libpmix-dev python3-venv python3-dev gcc make util-linux lua5.1 openssh-client \
-            zstd podman skopeo runc
+            zstd podman skopeo runc strace
 STAMP     = $(VENV)/.installed
 
 .PHONY: all deps venv test demo demo-slurm demo-pbs pbs bench bench-quick plugins clean

@@ -48,6 +48,8 @@ def main(argv):
     p.add_argument("--mpi", choices=("auto", "yes", "no"), default="auto",
                    help="auto: MPI when an MPI launcher started us (default)")
     p.add_argument("--chunk-mib", type=int, default=CHUNK_MIB, metavar="N", help="MiB per MPI_Bcast (default 8)")
+    p.add_argument("--for", dest="for_path", metavar="PATH",
+                   help="alone: IMAGE is a node-local copy (sbcast) of the image launches name as PATH")
     p.add_argument("-v", "--verbose", action="store_true", help="say what each node did")
     p.add_argument("image", metavar="IMAGE", nargs="?")
     args = p.parse_args(argv)
@@ -65,6 +67,8 @@ def main(argv):
         raise errors.Error(errors.USAGE, "IMAGE is required (or --clean)", p.prog)
     use_mpi = args.mpi == "yes" or (args.mpi == "auto" and any(os.environ.get(v) for v in MPI_ENV))
     if use_mpi:
+        if args.for_path:
+            raise errors.Error(errors.USAGE, "--for is for a node's own step (--mpi no), not under MPI", p.prog)
         return Broadcast(args).run_mpi()
     return Broadcast(args).run_alone()
 
@@ -362,6 +366,8 @@ class Broadcast:
         where = target(self.args)
         src = Source(self.args.image)
         desc = src.describe()
+        if self.args.for_path:
+            desc = self._as_named(src, desc)
         claimed, alias = names(desc)
         land = Landing(where, claimed or alias, desc["size"], alias)
         try:
@@ -385,6 +391,21 @@ class Broadcast:
             os.close(where.fd)
         self._report(desc, digest, where.path, nodes=1, copied=1, read=src.bytes_read)
         return 0
+
+    def _as_named(self, src, desc):
+        """IMAGE is a node-local copy of the image that launches will name
+        (--for): the copy is indexed under that image's name, and must be the
+        same kind, payload size, claim and pin."""
+        named = Source(self.args.for_path)
+        try:
+            want = named.describe()
+        finally:
+            named.close()
+        if [want.get(k) for k in ("kind", "size", "sha256_claimed", "pin")] != \
+                [desc.get(k) for k in ("kind", "size", "sha256_claimed", "pin")]:
+            raise errors.Error(errors.DATA, "IMAGE is not a copy of the --for image (kind, size, digest or pin "
+                               "differ)", "%s, %s" % (desc["path"], want["path"]))
+        return dict(desc, path=want["path"], ident=want["ident"])
 
     # ---- under MPI: one reader, one writer per node-local directory
     def run_mpi(self):

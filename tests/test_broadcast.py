@@ -1,0 +1,260 @@
+"""hpcrun broadcast (docs/broadcast.md): the payload to node-local storage once,
+verified and all-or-nothing, and the launch mounting that copy.
+
+On one host a "node" is a node-local directory: mpirun's ranks that name the
+same directory elect one writer, so an MPMD mpirun with three --to
+directories is three nodes (one of them with two ranks).  The multi-node Slurm
+test bed's own checks live with the test bed."""
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import imagetools  # noqa: E402
+from checks import assert_one_error, eventually, keepers_of  # noqa: E402
+
+MPIRUN = ["mpirun", "--oversubscribe"]
+
+
+def sha256_of(path, offset=0, size=None):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        h.update(f.read() if size is None else f.read(size))
+    return h.hexdigest()
+
+
+def entries(*dirs):
+    """Every file below the given directories (what a broadcast left)."""
+    out = []
+    for d in dirs:
+        for base, _, files in os.walk(d):
+            out += [os.path.join(base, f) for f in files]
+    return sorted(out)
+
+
+@pytest.fixture(scope="module")
+def images(shared_dir, busybox_root):
+    """An hpcrun image (a few MiB, its own content), its plain SquashFS, and a
+    copy whose payload no longer matches its header."""
+    d = tempfile.mkdtemp(prefix="bcast-img-", dir=shared_dir)
+    os.chmod(d, 0o755)
+    root = os.path.join(d, "root")
+    shutil.copytree(busybox_root, root, symlinks=True)
+    with open(os.path.join(root, "etc/bcast-token"), "wb") as f:
+        f.write(os.urandom(2 << 20))        # incompressible: a payload of a few MiB
+    img = imagetools.make_image(root, os.path.join(d, "app.img"))
+    sqfs = imagetools.mksquashfs(root, os.path.join(d, "app.sqfs"))
+    bad = os.path.join(d, "bad.img")
+    shutil.copyfile(img, bad)
+    os.chmod(bad, 0o755)
+    size = os.path.getsize(img)
+    with open(bad, "r+b") as f:
+        f.seek(size - 100)
+        f.write(b"\xff" * 16)
+    shutil.rmtree(root)
+
+    class Images:
+        pass
+    i = Images()
+    i.img, i.sqfs, i.bad, i.dir = img, sqfs, bad, d
+    head = open(img, "rb").read(4096).split(b"\n")[1].split()
+    i.offset, i.size, i.sha = int(head[2]), int(head[3]), head[4].decode()
+    i.name = "sha256_%s.sqfs" % i.sha
+    return i
+
+
+@pytest.fixture()
+def node(shared_dir, test_user, as_user, images):
+    """A private area of the test user: run_dir (and so broadcast_dir) set by a
+    user HPCRUN_CONF; run(argv) runs as the user with it; dirs(n) names n
+    "node-local" directories.  Its containers linger 0 s and are gone at the
+    end, with their staged copies."""
+    base = tempfile.mkdtemp(prefix="bcast-", dir=shared_dir)
+    os.chown(base, test_user.pw_uid, test_user.pw_gid)
+    os.chmod(base, 0o755)
+    conf = os.path.join(base, "hpcrun.conf")
+    with open(conf, "w") as f:
+        f.write("run_dir = %s/run-%%u\n" % base)
+    os.chmod(conf, 0o644)
+
+    class Node:
+        pass
+    n = Node()
+    n.base, n.run_dir = base, os.path.join(base, "run-%d" % test_user.pw_uid)
+    n.bcast = os.path.join(n.run_dir, "bcast")
+    n.env = {"HPCRUN_CONF": conf, "HPCRUN_LINGER": "0"}
+
+    def run(argv, env=None, **kw):
+        e = dict(n.env)
+        e.update(env or {})
+        return as_user(argv, env=e, **kw)
+    n.run = run
+    n.dirs = lambda count: [os.path.join(base, "node%d" % i) for i in range(count)]
+    yield n
+    assert eventually(lambda: not keepers_of(images.dir))
+    assert not [f for f in entries(os.path.join(n.run_dir, "stage")) if f.endswith(".sqfs")]
+    subprocess.run(["rm", "-rf", base])
+
+
+def test_alone_lands_a_verified_copy_that_the_launch_mounts(node, images, hpcrun_bin):
+    r = node.run([hpcrun_bin, "broadcast", images.img])
+    assert r.returncode == 0, r.stderr
+    copy = os.path.join(node.bcast, images.name)
+    assert entries(node.bcast) == [copy]
+    st = os.stat(copy)
+    assert st.st_mode & 0o777 == 0o600 and os.stat(node.bcast).st_mode & 0o777 == 0o700
+    assert st.st_size == images.size and sha256_of(copy) == images.sha
+    assert "1 copied" in r.stdout
+    again = node.run([hpcrun_bin, "broadcast", images.img])
+    assert again.returncode == 0 and "already on this node" in again.stdout
+    assert os.stat(copy).st_mtime_ns == st.st_mtime_ns
+    # the keeper mounts the local copy: no staged copy, the token is the image's
+    r = node.run([hpcrun_bin, "-v", images.img, "wc", "-c", "/etc/bcast-token"])
+    assert r.returncode == 0 and r.stdout.split()[0] == str(2 << 20), r.stderr
+    assert "node-local broadcast copy %s" % copy in r.stderr
+    assert not entries(os.path.join(node.run_dir, "stage"))
+
+
+def test_an_image_without_a_digest_is_found_by_its_source(node, images, hpcrun_bin):
+    r = node.run([hpcrun_bin, "broadcast", images.sqfs])
+    assert r.returncode == 0, r.stderr
+    sha = sha256_of(images.sqfs)
+    names = sorted(os.listdir(node.bcast))
+    assert len(names) == 2 and names[0] == "sha256_%s.sqfs" % sha and names[1].startswith("src_")
+    assert os.stat(os.path.join(node.bcast, names[0])).st_ino == os.stat(os.path.join(node.bcast, names[1])).st_ino
+    r = node.run([hpcrun_bin, "-v", images.sqfs, "true"])
+    assert r.returncode == 0 and "broadcast copy %s" % os.path.join(node.bcast, names[1]) in r.stderr, r.stderr
+
+
+def test_a_copy_that_is_not_right_is_not_used(node, images, hpcrun_bin):
+    """Wrong size or another user's file: the launch stages from the image as before."""
+    os.makedirs(node.bcast)
+    shutil.chown(node.run_dir, "hpcrun-test", "hpcrun-test")
+    os.chmod(node.run_dir, 0o700)
+    shutil.chown(node.bcast, "hpcrun-test", "hpcrun-test")
+    os.chmod(node.bcast, 0o700)
+    copy = os.path.join(node.bcast, images.name)
+    with open(copy, "wb") as f:
+        f.write(b"\0" * 4096)
+    shutil.chown(copy, "hpcrun-test", "hpcrun-test")
+    r = node.run([hpcrun_bin, "-v", images.img, "true"])
+    assert r.returncode == 0 and "broadcast copy" not in r.stderr, r.stderr
+
+
+def test_mpi_reads_the_image_once_and_every_node_gets_its_copy(node, images, hpcrun_bin):
+    """Three node-local directories (one shared by two ranks): the image's
+    payload is read by one process once (strace counts every read of the
+    file by every process of the job), and each directory gets one verified
+    copy."""
+    dirs = node.dirs(3)
+    log = os.path.join(node.base, "strace")
+    argv = ["strace", "-f", "-ff", "-qq", "-y", "-e", "trace=read,pread64,readv,preadv,preadv2", "-o", log]
+    argv += MPIRUN
+    for d, n in zip(dirs, (1, 2, 1)):
+        argv += ["-np", str(n), hpcrun_bin, "broadcast", "--chunk-mib", "1", "--to", d, images.img, ":"]
+    r = node.run(argv[:-1], timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "on 3 node(s): 3 copied" in r.stdout, r.stdout
+    for d in dirs:
+        assert entries(d) == [os.path.join(d, images.name)]
+        assert sha256_of(os.path.join(d, images.name)) == images.sha
+    readers = {}
+    pattern = re.compile(r"\w+\(\d+<%s>.*\)\s+=\s+(\d+)" % re.escape(images.img))
+    for name in os.listdir(node.base):
+        if name.startswith("strace."):
+            with open(os.path.join(node.base, name), errors="replace") as f:
+                got = sum(int(m.group(1)) for m in map(pattern.match, f) if m)
+            if got:
+                readers[name] = got
+    # one process of the job read the file: the payload once, and its header
+    assert len(readers) == 1 and images.size <= sum(readers.values()) < images.size + 65536, readers
+    # a second broadcast: every node has it, the payload is not read at all
+    r = node.run(MPIRUN + ["-np", "1", hpcrun_bin, "broadcast", "--to", dirs[0], images.img, ":",
+                           "-np", "1", hpcrun_bin, "broadcast", "--to", dirs[1], images.img])
+    assert r.returncode == 0 and "0 copied, 2 had it; 0 bytes read" in r.stdout, r.stdout + r.stderr
+
+
+def _one_error_line(r, code, *fragments):
+    assert r.returncode == code, (r.returncode, r.stderr)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("hpcrun: error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_mpi_a_payload_that_does_not_match_lands_nowhere(node, images, hpcrun_bin):
+    dirs = node.dirs(2)
+    r = node.run(MPIRUN + ["-np", "1", hpcrun_bin, "broadcast", "--to", dirs[0], images.bad, ":",
+                           "-np", "2", hpcrun_bin, "broadcast", "--to", dirs[1], images.bad])
+    _one_error_line(r, 65, "does not match its header")
+    assert entries(*dirs) == []
+
+
+def test_mpi_a_full_node_fails_all_and_leaves_nothing(node, images, hpcrun_bin, test_user):
+    dirs = node.dirs(2)
+    small = os.path.join(node.base, "small")
+    os.mkdir(small)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700,uid=%d" % test_user.pw_uid,
+                    "hpcrun-bcast-test", small], check=True)
+    try:
+        r = node.run(MPIRUN + ["-np", "1", hpcrun_bin, "broadcast", "--to", dirs[0], images.img, ":",
+                               "-np", "1", hpcrun_bin, "broadcast", "--to", dirs[1], images.img, ":",
+                               "-np", "1", hpcrun_bin, "broadcast", "--to", small, images.img])
+        _one_error_line(r, 71, "no space", small)
+        assert entries(dirs[0], dirs[1], small) == []
+        r = node.run([hpcrun_bin, "broadcast", "--to", small, images.img])
+        assert_one_error(r, 71, "no space", small)
+        assert entries(small) == []
+    finally:
+        subprocess.run(["umount", small], check=True)
+
+
+def test_clear_errors_alone(node, images, hpcrun_bin, busybox_root, test_user):
+    r = node.run([hpcrun_bin, "broadcast", "--to", "/nonexistent-hpcrun/bcast", images.img])
+    assert_one_error(r, 71, "parent does not exist", "/nonexistent-hpcrun/bcast")
+    other = os.path.join(node.base, "roots")
+    os.mkdir(other, 0o755)              # root's: not the user's
+    r = node.run([hpcrun_bin, "broadcast", "--to", other, images.img])
+    assert_one_error(r, 77, "not private to this user", other)
+    link = os.path.join(node.base, "link")
+    os.symlink("/tmp", link)
+    r = node.run([hpcrun_bin, "broadcast", "--to", link, images.img])
+    assert_one_error(r, 77, link)
+    r = node.run([hpcrun_bin, "broadcast", "--to", os.path.join(node.base, "d"), busybox_root])
+    assert_one_error(r, 64, "directory image")
+    r = node.run([hpcrun_bin, "broadcast", "--to", os.path.join(node.base, "d"), images.bad])
+    assert_one_error(r, 65, "does not match its header")
+    assert entries(os.path.join(node.base, "d")) == []
+    r = node.run([hpcrun_bin, "broadcast", "--job", "../x", images.img])
+    assert_one_error(r, 64, "--job")
+    # under an MPI launcher without mpi4py: one line, 69, before anything is made
+    code = ("import sys; sys.modules['mpi4py'] = None; from hpcrun import cli; "
+            "sys.exit(cli.main(['broadcast', '--mpi', 'yes', '--to', %r, %r]))"
+            % (os.path.join(node.base, "e"), images.img))
+    r = node.run([os.path.join(os.path.dirname(hpcrun_bin), "python3"), "-c", code])
+    assert_one_error(r, 69, "mpi4py")
+    assert not os.path.exists(os.path.join(node.base, "e"))
+
+
+def test_job_directories_and_clean(node, images, hpcrun_bin):
+    for job in ("101", "102"):
+        r = node.run([hpcrun_bin, "broadcast", images.img], env={"SLURM_JOB_ID": job})
+        assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(node.bcast)) == ["job-101", "job-102"]
+    # a launch in job 101 finds its job's copy
+    r = node.run([hpcrun_bin, "-v", images.img, "true"], env={"SLURM_JOB_ID": "101"})
+    assert "%s/job-101/%s" % (node.bcast, images.name) in r.stderr, r.stderr
+    r = node.run([hpcrun_bin, "broadcast", "--clean"], env={"SLURM_JOB_ID": "101"})
+    assert r.returncode == 0 and r.stdout == r.stderr == ""
+    assert os.listdir(node.bcast) == ["job-102"]
+    r = node.run([hpcrun_bin, "broadcast", "--clean", "--job", "102"], env={"PBS_JOBID": "7.pbs"})
+    assert r.returncode == 0 and os.listdir(node.bcast) == []
+    r = node.run([hpcrun_bin, "broadcast", "--clean", "--job", "102"])     # again: nothing to do
+    assert r.returncode == 0
