@@ -258,3 +258,19 @@ def test_job_directories_and_clean(node, images, hpcrun_bin):
     assert r.returncode == 0 and os.listdir(node.bcast) == []
     r = node.run([hpcrun_bin, "broadcast", "--clean", "--job", "102"])     # again: nothing to do
     assert r.returncode == 0
+
+
+def test_a_node_step_after_sbcast_indexes_the_shared_image(node, images, hpcrun_bin):
+    """--for: a node-local copy of the file (what sbcast leaves) lands under the
+    names a launch of the shared path looks for; another image is refused."""
+    local = os.path.join(node.base, "local.sqfs")
+    shutil.copyfile(images.sqfs, local)
+    os.chmod(local, 0o644)
+    r = node.run([hpcrun_bin, "broadcast", "--mpi", "no", "--for", images.sqfs, local])
+    assert r.returncode == 0, r.stderr
+    r = node.run([hpcrun_bin, "-v", images.sqfs, "true"])
+    assert r.returncode == 0 and "node-local broadcast copy %s/src_" % node.bcast in r.stderr, r.stderr
+    r = node.run([hpcrun_bin, "broadcast", "--mpi", "no", "--no-job", "--to", os.path.join(node.base, "x"),
+                  "--for", images.img, local])
+    assert_one_error(r, 65, "not a copy of the --for image")
+    assert entries(os.path.join(node.base, "x")) == []
