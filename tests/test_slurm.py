@@ -63,10 +63,11 @@ def hpcrun_path(hpcrun_bin):
 
 
 @pytest.fixture(scope="session")
-def cluster(spank_plugin, hpcrun_path):
+def cluster(spank_plugin, hpcrun_path, shared_dir):
     hpcrun = hpcrun_path
+    # Nodes have their own /tmp (testbed/nodens.py): shared_dir is the shared file system.
     with Cluster(nodes=2, cpus=4, plugin=spank_plugin, plugin_args=["hpcrun=" + hpcrun],
-                 cli_filter=os.path.join(PLUGIN_DIR, "cli_filter.lua")) as c:
+                 cli_filter=os.path.join(PLUGIN_DIR, "cli_filter.lua"), shared=[shared_dir]) as c:
         yield c
 
 
@@ -350,12 +351,13 @@ class ImageFS:
 
 
 @pytest.fixture(scope="session")
-def image_fs(shared_dir, busybox_root, job_user):
+def image_fs(shared_dir, busybox_root, job_user, cluster):
     """*.img are hpcrun single-file images (staged across file systems on an
     unprivileged launch), *.sqfs plain SquashFS."""
     mnt = tempfile.mkdtemp(prefix="hpcrun-slurm-imgfs-")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", mnt], check=True)
     try:
+        cluster.share(mnt)    # mounted after the nodes started: bind it into their views
         fs = ImageFS(mnt)
         os.makedirs(fs.project)
         root = os.path.join(shared_dir, "slurm-paths-root")

@@ -9,6 +9,16 @@ touched.  Used by tests/test_slurm*.py and ``make demo-slurm``:
                  plugin_args=["hpcrun=/usr/bin/hpcrun"]) as c:
         subprocess.run(["srun", "-N2", "hostname"], env=c.env())
 
+Node-local storage (node_local=True, the default): each slurmd runs in a
+mount namespace of its own (testbed/nodens.py) with its own tmpfs on /tmp and
+/dev/shm, as real nodes have, so a file a task writes in /tmp on n1 is not on
+n2 nor on the host, and hpcrun's run_dir (/tmp/hpcrun-%u) is per node.  The
+"shared file system" is what the nodes still see of the host's /tmp: the
+cluster's own directory (config, munge socket, spool, logs) and the paths
+given as ``shared=``, bound in at start; ``share(path)`` adds one later (a file
+system mounted after the nodes started).  Everything else under /tmp is the
+host's alone.  ``in_node(name, argv)`` runs a command as root in a node's view.
+
 Details that matter on one host (docs/slurm.md, ../shared/reference/slurm.md):
 TmpFS is per node (PMIx's app dirs collide otherwise) and a TaskProlog gives
 every node its own Open MPI vader backing directory (shared-memory segment
@@ -17,6 +27,7 @@ loaded 2-core machine misses the default.
 """
 import json
 import os
+import sys
 import random
 import shutil
 import signal
@@ -27,6 +38,7 @@ import time
 
 SBIN = "/usr/sbin"
 MARK = "HPCRUN_TESTBED"   # set in the daemons' environment: finds their leftover children
+NODENS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nodens.py")
 
 
 def _free_port_range(count, tries=200):
@@ -51,7 +63,8 @@ def _free_port_range(count, tries=200):
 
 class Cluster:
     def __init__(self, nodes=2, cpus=4, plugin=None, plugin_args=(), cli_filter=None,
-                 mpi_default="pmix", workdir=None, extra_conf=(), task_prolog_lines=()):
+                 mpi_default="pmix", workdir=None, extra_conf=(), task_prolog_lines=(),
+                 node_local=True, node_tmp_size="1g", shared=()):
         self.nodes = ["n%d" % (i + 1) for i in range(nodes)]
         self.cpus = cpus
         self.plugin = os.path.abspath(plugin) if plugin else None
@@ -61,6 +74,11 @@ class Cluster:
         self.extra_conf = list(extra_conf)
         self.task_prolog_lines = list(task_prolog_lines)
         self._workdir = workdir
+        self.node_local = node_local
+        self.node_tmp_size = node_tmp_size
+        self.shared = [os.path.abspath(p) for p in shared]
+        self.node_ns = {}        # node name -> inode of its mount namespace (leak checks)
+        self.node_labels = {}    # node name -> source name of its tmpfs mounts (leak checks)
         self.dir = None
         self.procs = []          # (name, Popen), started in order, stopped in reverse
 
@@ -181,10 +199,57 @@ class Cluster:
         # Munge refuses clients that cannot reach the socket: job users need it.
         os.chmod(self.path("munge"), 0o755)
 
+    def tmpfs_label(self, node):
+        """Source name of a node's tmpfs mounts: unique to this cluster and node."""
+        return "%s-%s" % (os.path.basename(self.dir), node)
+
     def _start_slurm(self):
         self._spawn("slurmctld", [SBIN + "/slurmctld", "-D", "-c", "-i", "-f", self.conf])
         for n in self.nodes:
-            self._spawn("slurmd-" + n, [SBIN + "/slurmd", "-D", "-N", n, "-f", self.conf])
+            argv = [SBIN + "/slurmd", "-D", "-N", n, "-f", self.conf]
+            if self.node_local:
+                shared = [a for p in [self.dir] + self.shared for a in ("--shared", p)]
+                self.node_labels[n] = self.tmpfs_label(n)
+                argv = [sys.executable, NODENS, "--name", self.node_labels[n], "--size",
+                        self.node_tmp_size] + shared + ["--"] + argv
+            p = self._spawn("slurmd-" + n, argv)
+            if self.node_local:
+                self._wait(lambda: self._ns_of(p.pid) != self._ns_of(os.getpid()), 15, "%s's namespace" % n)
+                self.node_ns[n] = self._ns_of(p.pid)
+
+    @staticmethod
+    def _ns_of(pid):
+        try:
+            return os.stat("/proc/%d/ns/mnt" % pid).st_ino
+        except OSError:
+            return None
+
+    def node_pid(self, node):
+        return dict(self.procs)["slurmd-" + node].pid
+
+    def share(self, path):
+        """Make a host path (e.g. a file system mounted after start) visible on every node."""
+        path = os.path.abspath(path)
+        self.shared.append(path)
+        if self.node_local:
+            for n in self.nodes:
+                subprocess.run([sys.executable, NODENS, "--join", str(self.node_pid(n)), "--shared", path],
+                               check=True, capture_output=True, timeout=30)
+
+    def in_node(self, node, argv, **kw):
+        """subprocess.run(argv) as root in the node's mount namespace (the host's without node_local)."""
+        if self.node_local:
+            argv = ["nsenter", "--mount", "--target", str(self.node_pid(node))] + list(argv)
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        kw.setdefault("timeout", 60)
+        return subprocess.run(argv, **kw)
+
+    def leftovers(self):
+        """What a stopped cluster must not leave: processes still in a node's mount
+        namespace and mounts of a node's tmpfs seen anywhere (pids and mountinfo lines).
+        Works after stop() too: it keeps what it started with."""
+        return _leftovers(set(self.node_ns.values()), list(self.node_labels.values()))
 
     def _wait(self, ok, timeout, what):
         end = time.monotonic() + timeout
@@ -224,6 +289,11 @@ class Cluster:
                 pass
         return pids
 
+    def _pids_in_nodes(self):
+        """Processes in a node's mount namespace or in one made from it (a container
+        hpcrun started in a task): those whose mounts include a node's tmpfs."""
+        return [int(line.split()[1]) for line in self.leftovers() if int(line.split()[1]) != os.getpid()]
+
     def stop(self):
         if self.dir is None:
             return
@@ -245,11 +315,18 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        for pid in self._marked_pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        # Our daemons' children, and whatever a task left in a node (a user's task
+        # does not carry the marker; with node_local its namespace finds it).
+        for _ in range(50):
+            pids = self._marked_pids() + self._pids_in_nodes()
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            time.sleep(0.1)
         self.procs = []
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir = None
@@ -269,6 +346,26 @@ class Cluster:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _leftovers(namespaces, labels):
+    """'pid N in ...' / 'pid N sees <mountinfo line>' for every process in one of the
+    namespaces or whose namespace holds a mount with one of the labels as its source."""
+    found, views = [], {}   # views: namespace inode -> its lines with our labels
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            ns = os.stat("/proc/%s/ns/mnt" % d).st_ino
+            if ns not in views:
+                with open("/proc/%s/mountinfo" % d) as f:
+                    views[ns] = [line.strip() for line in f if any(" %s " % label in line for label in labels)]
+        except OSError:
+            continue
+        if ns in namespaces:
+            found.append("pid %s in a node's mount namespace" % d)
+        found += ["pid %s sees %s" % (d, line) for line in views[ns]]
+    return found
 
 
 if __name__ == "__main__":   # quick manual check, from tests/: python -m testbed.cluster

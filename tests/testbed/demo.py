@@ -52,7 +52,7 @@ def main():
             f.write(SCRIPT)
         print("== job.sh ==\n" + SCRIPT)
         with Cluster(nodes=2, cpus=4, plugin=PLUGIN, plugin_args=["hpcrun=" + hpcrun],
-                     cli_filter=CLI_FILTER) as c:
+                     cli_filter=CLI_FILTER, shared=[work]) as c:
             print("== cluster up: %s (slurm.py backend: %s) ==" % (
                 " ".join("%s=%s" % kv for kv in sorted(c.node_states().items())), slurm.backend(c.env())))
             jid = slurm.submit(open(os.path.join(work, "job.sh")).read(), ["-o", "job.out"],
