@@ -6,8 +6,9 @@ runscript, %environment, help, definition file: what `apptainer inspect
 --all` shows, under "apptainer"); for plain SquashFS files the metadata is
 inside the filesystem, and inspect says so instead of mounting.
 
-Signatures (hpcrun sign) are listed with the key that made them and the
-name the signer gave, as claimed: hpcrun verify checks them.
+Signatures (hpcrun sign; a SIF's PGP and DSSE objects) are listed with the
+key that made them and the name the signer gave, as claimed: hpcrun verify
+checks them (a SIF's PGP ones with --keyring).
 
 An hpcrun image's header claims the sha256 of its payload; inspect shows it
 as claimed unless --verify reads the payload and checks it (a mismatch is
@@ -107,7 +108,8 @@ def main(argv):
     if d["pin"] and not d["pin"].startswith("sha256:"):
         out.append("pin:        %s (for --image-digest)" % d["pin"])
     if d.get("signatures") and d["format"] == "sif":
-        out.append("signed by:  (SIF signature objects, claimed, not checked)")
+        out.append("signed by:  (SIF signature objects, claimed, not checked; hpcrun verify --keyring checks "
+                   "PGP ones)")
         out += ["  %s %s (%s), signs %s" % (sg["kind"].upper(), ", ".join(sg["keys"]) or "(no key named)",
                                             sg["hash"], sg["signs"]) for sg in d["signatures"]]
     elif d.get("signatures"):

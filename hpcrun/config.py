@@ -35,7 +35,7 @@ DEFAULTS = {
 # `forbid-bnd` does not silently leave a policy unset.
 KNOWN_KEYS = frozenset((
     "mount_strategy", "writable_layer", "run_dir", "broadcast_dir", "linger", "keeper_timeout",
-    "require_signature", "allowed_signers",
+    "require_signature", "allowed_signers", "sif_keyring",
     "default_binds", "bind", "allow_user_binds", "forbid_bind",
     "mpi", "mpi_auto_prefer", "mpi_lib", "mpi_flavor", "mpi_version", "mpi_host_extra", "fabric_extra",
     "mpi_ldcache", "mpi_host_bind", "mpi_site_mca_params", "munge_socket_dir",

@@ -307,12 +307,15 @@ def _build(plan, cfg, dir_fd, run_dir, proc_fd):
     if signed:
         # Site policy, once per keeper (node, image identity, mount plan), before any mount.
         # A payload that will be staged is hashed as it is copied, a broadcast copy
-        # before it is mounted: not read twice, nor from the shared file.
+        # before it is mounted: not read twice, nor from the shared file.  An acceptance
+        # is remembered in run_dir/verified/ for the next keeper of this file.
         from hpcrun import signature
         how = stage.strategy(plan)
         staged = bool(bcast) or bool(plan["image"].get("offset")) and (
             how == "extract" or (how == "fuse" and not stage.squashfuse_has_offset()))
-        signature.enforce(plan["image"], cfg, payload_checked_later=staged)
+        signature.enforce(plan["image"], cfg, payload_checked_later=staged, cache_dir_fd=dir_fd)
+        if plan["image"]["kind"] == "sif":
+            bcast = None        # a SIF's signature was checked on the file, not on a broadcast copy
     uid, gid = plan["uid"], plan["gid"]
     ws = os.path.join(run_dir, plan["key"] + ".d")
     try:

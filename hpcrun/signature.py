@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import tempfile
 
-from hpcrun import errors, imagefile
+from hpcrun import errors, fdio, imagefile
 
 NAMESPACE = "hpcrun-image"
 MESSAGE_TAG = b"hpcrun-image-signature 1\n"
@@ -225,28 +225,194 @@ def check_allowed_signers(path, site):
                            "writable (a user could add a key)", path)
 
 
-def enforce(img, cfg, payload_checked_later=False):
+def enforce(img, cfg, payload_checked_later=False, cache_dir_fd=None):
     """The site's policy (require_signature = yes), once per node and image
     (the keeper): an image with no signature from an allowed, valid key is
-    refused (77) before anything is mounted.  payload_checked_later: the
-    payload will be staged, and staging checks it against the same header
-    sha256 (65 on a mismatch) before it is mounted.  Returns the results
-    (at least one accepted)."""
+    refused (77) before anything is mounted.  hpcrun images are checked
+    against allowed_signers, SIF files against sif_keyring (sifsign.py).
+    payload_checked_later: the payload will be staged, and staging checks it
+    against the same header sha256 (65 on a mismatch) before it is mounted.
+    cache_dir_fd: the run directory, where an acceptance is remembered for
+    this file identity and trust file (docs/sign.md, "The verified-identity
+    cache"), so another keeper for the same image skips the hash.  Returns
+    the results (at least one accepted)."""
     allowed = cfg.get("allowed_signers")
-    if not allowed:
-        raise errors.Error(errors.CONFIG, "require_signature = yes needs allowed_signers = FILE in the config")
-    check_allowed_signers(allowed, site=True)
+    keyring = cfg.get("sif_keyring")
+    if not allowed and not keyring:
+        raise errors.Error(errors.CONFIG, "require_signature = yes needs allowed_signers = FILE (hpcrun images) "
+                           "or sif_keyring = FILE (SIF files) in the config")
+    if img["kind"] == "sif" and keyring:
+        from hpcrun import sifsign
+        keys = sifsign.read_keyring(keyring, site=True)
+        trust = "sif_keyring:" + hashlib.sha256(keys).hexdigest()
+        hit = _cached(cache_dir_fd, img, trust)
+        if hit is not None:
+            return hit
+        results, primary = sifsign.verify(img["path"], keyring, site=True, expect_ident=img["ident"], keys=keys)
+        good = sifsign.accepted(img["path"], results, primary)
+        _remember(cache_dir_fd, img, trust, good)
+        return good
     if img["kind"] != "hpcrun":
         raise errors.Error(errors.NOPERM, "this site requires signed images; a %s image carries no hpcrun "
-                           "signature (hpcrun build it, then hpcrun sign)" % img["kind"], img["path"])
+                           "signature (hpcrun build it, then hpcrun sign)%s" % (
+                               img["kind"], "; SIF signatures are not accepted here (no sif_keyring)"
+                               if img["kind"] == "sif" else ""), img["path"])
+    if not allowed:
+        raise errors.Error(errors.NOPERM, "this site accepts only SIF files signed by a key in its sif_keyring "
+                           "(no allowed_signers for hpcrun images)", img["path"])
+    check_allowed_signers(allowed, site=True)
+    trust = "allowed_signers:" + _file_digest(allowed)
+    hit = _cached(cache_dir_fd, img, trust)
+    if hit is not None:
+        return hit
     _, results = verify_image(img["path"], allowed, img["ident"], check_payload=not payload_checked_later)
     if not results:
         raise errors.Error(errors.NOPERM, "this site requires signed images; this one is not signed "
                            "(hpcrun sign)", img["path"])
     if any(r.principal for r in results):
+        # Remembered only after a full read of the payload, and only if the
+        # file ssh-keygen read is the one digested (it may change meanwhile).
+        if not payload_checked_later and _file_digest(allowed) == trust.split(":", 1)[1]:
+            _remember(cache_dir_fd, img, trust, [r for r in results if r.principal])
         return results
     if not any(r.matches for r in results):
         raise errors.Error(errors.DATA, results[0].reason, img["path"])
     raise errors.Error(errors.NOPERM, "no accepted signature: " + "; ".join(
         "%s %s (%s): %s" % (r.sig.key_type, r.sig.fingerprint, r.sig.claimed or "no name", r.reason)
         for r in results if r.matches), img["path"])
+
+
+# ------------------------------------------------ verified-identity cache ---
+#
+# run_dir/verified/<sha256 of format, image identity, trust file digest>: a
+# JSON record {"format", "ident", "trust", "checked_at", "signers"} written
+# atomically (temporary name, rename), 0600 in a 0700 directory of the user's.
+# Trusted only when every field matches and it is younger than CACHE_TTL (a
+# key whose valid-before date passes, or whose gpg key expires, is refused
+# again within that time).  It is the user's own file: it binds hpcrun, not
+# the user (docs/security.md, "Signed images").
+
+CACHE_DIR = "verified"
+CACHE_FORMAT = "hpcrun-verified 1"
+CACHE_TTL = 3600
+CACHE_SCAN_MAX = 1000
+
+
+class Cached:
+    """An acceptance remembered from an earlier keeper."""
+    __slots__ = ("principal",)
+
+    def __init__(self, principal):
+        self.principal = principal
+
+
+def _file_digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_name(img, trust):
+    return hashlib.sha256(("%s\0%s\0%s" % (CACHE_FORMAT, img["ident"], trust)).encode()).hexdigest()
+
+
+def _cache_dir(dir_fd, create):
+    """The cache directory's fd, or None when there is none we can trust."""
+    if dir_fd is None:
+        return None
+    if create:
+        try:
+            os.mkdir(CACHE_DIR, 0o700, dir_fd=dir_fd)
+        except FileExistsError:
+            pass
+        except OSError:
+            return None
+    try:
+        fd = os.open(CACHE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _cached(dir_fd, img, trust):
+    """The remembered acceptance of this image identity and trust file, or None."""
+    import json
+    import stat
+    import time
+    cache = _cache_dir(dir_fd, create=False)
+    if cache is None:
+        return None
+    try:
+        fd = os.open(_cache_name(img, trust), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=cache)
+    except OSError:
+        return None
+    finally:
+        os.close(cache)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size > 65536:
+            return None
+        rec = json.loads(os.read(fd, 65536).decode("utf-8"))
+        age = time.time() - rec["checked_at"]
+        if (rec.get("format") != CACHE_FORMAT or rec.get("ident") != img["ident"] or rec.get("trust") != trust
+                or not 0 <= age < CACHE_TTL or not rec.get("signers")):
+            return None
+        signers = [str(s) for s in rec["signers"]]
+    except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError):
+        return None
+    finally:
+        os.close(fd)
+    # The identity the launch planned with must still be the file's (as
+    # verify_image checks through its descriptor).
+    try:
+        now = imagefile.identity(img["kind"], os.stat(img["path"]))
+    except OSError as e:
+        raise errors.Error(errors.NOINPUT, "image not readable: %s" % e.strerror, img["path"])
+    if now != img["ident"]:
+        raise errors.Error(errors.DATA, "image changed while its container was being started", img["path"])
+    return [Cached(s) for s in signers]
+
+
+def _remember(dir_fd, img, trust, accepted):
+    """Record an acceptance; a cache that cannot be written is no error."""
+    import json
+    import time
+    cache = _cache_dir(dir_fd, create=True)
+    if cache is None:
+        return
+    name = _cache_name(img, trust)
+    tmp = "%s.%d.tmp" % (name, os.getpid())
+    rec = {"format": CACHE_FORMAT, "ident": img["ident"], "trust": trust, "checked_at": time.time(),
+           "signers": [r.principal for r in accepted]}
+    try:
+        _prune(cache, rec["checked_at"])
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=cache)
+        try:
+            os.write(fd, json.dumps(rec, sort_keys=True).encode())
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=cache, dst_dir_fd=cache)
+    except OSError:
+        fdio.remove(cache, tmp)
+    finally:
+        os.close(cache)
+
+
+def _prune(cache, now):
+    """Remove records past their time (and leftovers of an interrupted write)."""
+    for i, name in enumerate(os.listdir(cache)):
+        if i >= CACHE_SCAN_MAX:
+            break
+        try:
+            st = os.stat(name, dir_fd=cache, follow_symlinks=False)
+        except OSError:
+            continue
+        if now - st.st_mtime >= CACHE_TTL or (name.endswith(".tmp") and now - st.st_mtime > 60):
+            fdio.remove(cache, name)

@@ -10,7 +10,14 @@ An Apptainer build writes: a Def.FILE object, a generic JSON object named
 inspect-metadata.json ({"data": {"attributes": ...}, "type": "container"}),
 and the root file system as the primary system partition (SquashFS), whose
 /.singularity.d holds runscript, env/*.sh, labels.json, runscript.help.
+
+`apptainer sign` (PGP) adds a signature object per object group: pgp_body()
+is the JSON it signs (apptainer/sif pkg/integrity: digests of the header's
+launch/magic/version/ID, of each object's descriptor fields and data),
+pgp_signature() the object, clear-signed by a real gpg.  test_sif.py checks
+pgp_body against the body of /work/shared/data/sif/one-group-signed-pgp.sif.
 """
+import hashlib
 import json
 import os
 import struct
@@ -111,3 +118,53 @@ def apptainer_sif(path, root, deffile, attributes, squashfs=None):
                obj(GENERIC_JSON, json.dumps(meta).encode(), name="inspect-metadata.json"),
                partition(fs)]
     return write(path, objects)
+
+
+def pgp_body(objects, group=1, launch=LAUNCH, ident=b"\0" * 16, when=GO_ZERO_TIME, digest="sha256", ids=None):
+    """The text Apptainer signs for object group `group` of write(objects)
+    (ids: only these object IDs, as `apptainer sign --sif-id` does)."""
+    def h(data):
+        return "%s:%s" % (digest, hashlib.new(digest, data).hexdigest())
+    members = [(i, o) for i, o in enumerate(objects, 1) if o["group"] == group]
+    first = min(i for i, _ in members)
+    entries = []
+    for i, o in members:
+        if o["type"] == SIGNATURE or (ids is not None and i not in ids):
+            continue
+        fields = struct.pack("<iBIIqqqq", o["type"], 1, i - first, o["link"], len(o["data"]), when, 0, 0)
+        fields += o["name"].encode().ljust(128, b"\0") + o["extra"].ljust(384, b"\0")
+        entries.append({"relativeId": i - first, "descriptorDigest": h(fields), "objectDigest": h(o["data"])})
+    header = launch.ljust(32, b"\0") + b"SIF_MAGIC\0" + b"01\0" + ident
+    return json.dumps({"version": 1, "header": {"digest": h(header)}, "objects": entries}, separators=(",", ":"))
+
+
+def clearsign(text, gnupghome, fingerprint):
+    return subprocess.run(["gpg", "--batch", "--quiet", "--homedir", gnupghome, "--local-user", fingerprint,
+                           "--digest-algo", "SHA256", "--clearsign"], input=text.encode(), check=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE).stdout
+
+
+def pgp_signature(signed, fingerprint, group=1, link=None):
+    """The signature object for a clear-signed body: ungrouped, linked to the
+    group (or to object `link`), extra = hash type (1: SHA-256) + the key's
+    fingerprint."""
+    return obj(SIGNATURE, signed, group=GROUP, link=link if link is not None else GROUP | group,
+               extra=struct.pack("<i", 1) + bytes.fromhex(fingerprint))
+
+
+def gpg_key(gnupghome, name):
+    """A fresh ed25519 signing key (no passphrase) in gnupghome: its fingerprint."""
+    os.makedirs(gnupghome, mode=0o700, exist_ok=True)
+    subprocess.run(["gpg", "--batch", "--quiet", "--homedir", gnupghome, "--passphrase", "",
+                    "--quick-gen-key", "%s <%s@site>" % (name, name), "ed25519", "sign", "never"],
+                   check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = subprocess.run(["gpg", "--batch", "--homedir", gnupghome, "--with-colons", "--list-keys", name],
+                         check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE).stdout.decode()
+    return [ln.split(":")[9] for ln in out.splitlines() if ln.startswith("fpr:")][0]
+
+
+def export_key(gnupghome, fingerprint, path, armor=False):
+    with open(path, "wb") as f:
+        f.write(subprocess.run(["gpg", "--batch", "--homedir", gnupghome, "--export"] + (["--armor"] if armor else [])
+                               + [fingerprint], check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE).stdout)
+    return path

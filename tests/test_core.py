@@ -1280,7 +1280,8 @@ def _hpcrun_imports():
 FLOORS = {
     "join": {"errors", "fdio", "node", "rankcalls"},
     "node": {"errors", "fdio", "linux", "stage", "rootfs", "mpi", "gpu", "plan", "signature"},
-    "signature": {"errors", "imagefile"},
+    "signature": {"errors", "fdio", "imagefile", "sifsign"},
+    "sifsign": {"errors", "imagefile", "sif"},
     "stage": {"errors", "fdio", "linux", "imagefile"},
     "imagefile": {"errors"},
     "rootfs": {"errors", "fdio", "linux"},

@@ -369,3 +369,26 @@ def test_host_wiring_stays_in_front_of_the_environments_library_path(hpcrun_bin,
     assert r.returncode == 0, r.stderr
     parts = r.stdout.strip().split(":")
     assert parts[0] == NVLIB and "/opt/img/lib" in parts, r.stdout
+
+
+# ------------------------------------------------- Apptainer's PGP signatures ---
+
+def test_pgp_body_is_what_apptainer_signs(tmp_path):
+    """siftools.pgp_body (what test_sign.py signs with gpg) is byte for byte the
+    body Apptainer's tooling signed in one-group-signed-pgp.sif, and hpcrun's
+    own reading of the file recomputes every digest that body lists."""
+    from hpcrun import sif, sifsign
+    ref = open(os.path.join(REF, "one-group.sif"), "rb").read()
+    parts = [siftools.partition(ref[32768:32772], fstype=siftools.FS_RAW, parttype=siftools.PART_SYSTEM, arch="386"),
+             siftools.partition(ref[36864:36864 + 4096], arch="386")]
+    body = siftools.pgp_body(parts, launch=b"").encode()
+    path = os.path.join(REF, "one-group-signed-pgp.sif")
+    signed = open(path, "rb").read()
+    assert b"\n\n" + body + b"\n-----BEGIN PGP SIGNATURE-----" in signed
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        descriptors = sif._descriptors(path, fd, size)
+        assert sifsign.check_metadata(path, fd, size, descriptors, siftools.GROUP | 1, body) == [1, 2]
+    finally:
+        os.close(fd)

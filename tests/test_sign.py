@@ -286,6 +286,7 @@ def test_policy_as_root(hpcrun_bin, keys, image, shared_dir):
         f.write(bytes([b[0] ^ 0xff]))
     assert_one_error(run(image, "true"), errors.DATA, "does not match its header")
     assert eventually(lambda: not keepers_of(image))
+    _forget("/tmp/hpcrun-0", image)         # the first launch's record (verified-identity cache)
     shutil.rmtree(d)
 
 
@@ -346,3 +347,318 @@ def test_check_names_a_bad_policy_value(as_user, image, site_config):
     assert r.returncode == errors.CONFIG, r.stdout + r.stderr
     row = [ln for ln in r.stdout.splitlines() if ln.startswith("signature:")]
     assert len(row) == 1 and "bad boolean" in row[0] and "required by the site" not in row[0], r.stdout
+
+
+# ------------------------------------- Apptainer's PGP signatures, with gpg ---
+#
+# SIFs written by siftools the way Apptainer writes them, signed by real gpg
+# keys made here (a root-owned temporary GNUPGHOME, its agent stopped after);
+# hpcrun checks them with gpgv.  The site's keyrings are root's files.
+
+needs_gpg = pytest.mark.skipif(shutil.which("gpg") is None or shutil.which("gpgv") is None,
+                               reason="gpg/gpgv (Debian gpg, gpgv) missing")
+
+
+@pytest.fixture(scope="module")
+def pgp(shared_dir, test_user, busybox_squashfs):
+    """Keys alice and mallory; keyrings (binary, armored, both keys, garbage,
+    one the user owns); a runnable SIF's objects (definition file + busybox
+    as the primary partition) and make(name, ...) for signed copies."""
+    if shutil.which("gpg") is None or shutil.which("gpgv") is None:
+        pytest.skip("gpg/gpgv missing")
+    import siftools
+    d = tempfile.mkdtemp(prefix="sign-pgp-", dir=shared_dir)
+    os.chmod(d, 0o755)
+    home = os.path.join(d, "gnupg")
+    k = {"home": home, "dir": d}
+    try:
+        for name in ("alice", "mallory"):
+            k[name] = siftools.gpg_key(home, name)
+        k["alice.gpg"] = siftools.export_key(home, k["alice"], os.path.join(d, "alice.gpg"))
+        k["alice.asc"] = siftools.export_key(home, k["alice"], os.path.join(d, "alice.asc"), armor=True)
+        k["mallory.gpg"] = siftools.export_key(home, k["mallory"], os.path.join(d, "mallory.gpg"))
+        k["both.gpg"] = os.path.join(d, "both.gpg")
+        with open(k["both.gpg"], "wb") as f:
+            f.write(open(k["alice.gpg"], "rb").read() + open(k["mallory.gpg"], "rb").read())
+        k["garbage"] = os.path.join(d, "garbage")
+        with open(k["garbage"], "wb") as f:
+            f.write(b"not a keyring\n" * 10)
+        k["users.gpg"] = os.path.join(d, "users.gpg")
+        shutil.copy(k["alice.gpg"], k["users.gpg"])
+        os.chown(k["users.gpg"], test_user.pw_uid, test_user.pw_gid)
+        for name in ("alice.gpg", "alice.asc", "mallory.gpg", "both.gpg", "garbage"):
+            os.chmod(k[name], 0o644)
+        with open(busybox_squashfs, "rb") as f:
+            objects = [siftools.obj(siftools.DEFFILE, b"Bootstrap: scratch\n"), siftools.partition(f.read())]
+
+        def make(name, signer="alice", claim=None, ids=None, link=None, unsigned=False):
+            path = os.path.join(d, name)
+            sig = []
+            if not unsigned:
+                text = siftools.clearsign(siftools.pgp_body(objects, ids=ids), home, k[signer])
+                sig = [siftools.pgp_signature(text, k[claim or signer], link=link)]
+            return siftools.write(path, objects + sig)
+        k["make"] = make
+        yield k
+    finally:
+        subprocess.run(["gpgconf", "--homedir", home, "--kill", "gpg-agent"], capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _gpgv_homes(uid):
+    return {n for n in os.listdir("/tmp") if n.startswith("hpcrun-gpgv-") and os.stat("/tmp/" + n).st_uid == uid}
+
+
+@needs_gpg
+def test_sif_pgp_good_signature(as_user, test_user, pgp):
+    path = pgp["make"]("good.sif")
+    homes = _gpgv_homes(test_user.pw_uid)
+    r = hpcrun(as_user, "verify", "--keyring", pgp["alice.gpg"], path)
+    assert r.returncode == 0, r.stderr
+    assert "good PGP signature by alice <alice@site> (%s), covers objects 1, 2" % pgp["alice"] in r.stdout
+    r = hpcrun(as_user, "verify", "--json", "--keyring", pgp["alice.asc"], path)     # armored keys too
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert (d["verified"], d["primary_object"]) == (True, 2)
+    assert [(s["kind"], s["signer"], s["objects"], s["verified"]) for s in d["signatures"]] == [
+        ("pgp", pgp["alice"], [1, 2], True)]
+    # gpgv ran with a temporary home, removed after; the user's ~/.gnupg untouched
+    assert _gpgv_homes(test_user.pw_uid) == homes
+    assert not os.path.exists(os.path.join(test_user.pw_dir, ".gnupg"))
+
+
+def _flip(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+@needs_gpg
+@pytest.mark.parametrize("where,message", [
+    ("partition", "data of object 2"),
+    ("descriptor", "descriptor of object 1"),        # the definition file's name field
+    ("header", "header"),                            # the SIF's ID
+    ("signed-text", "BAD signature"),
+])
+def test_sif_pgp_tampered_is_65(as_user, pgp, where, message):
+    import siftools
+    path = pgp["make"]("tampered-%s.sif" % where)
+    data = open(path, "rb").read()
+    descr = 4096
+    prim = siftools.DESCR.unpack_from(data, descr + siftools.DESCR.size)
+    sig = siftools.DESCR.unpack_from(data, descr + 2 * siftools.DESCR.size)
+    offset = {"partition": prim[5] + prim[6] - 1000,
+              "descriptor": descr + 73,                                  # name, byte 0
+              "header": 32 + 10 + 3 + 3 + 5,                             # ID, byte 5
+              "signed-text": data.index(b'"version":1', sig[5]) + 10}[where]
+    _flip(path, offset)
+    r = hpcrun(as_user, "verify", "--keyring", pgp["alice.gpg"], path)
+    assert_one_error(r, errors.DATA, message)
+
+
+@needs_gpg
+def test_sif_pgp_unknown_key_and_wrong_keyring(as_user, pgp):
+    by_mallory = pgp["make"]("mallory.sif", signer="mallory")
+    by_alice = pgp["make"]("alice.sif")
+    assert_one_error(hpcrun(as_user, "verify", "--keyring", pgp["alice.gpg"], by_mallory),
+                     errors.NOPERM, "no accepted signature", pgp["mallory"], "key not in the keyring")
+    assert_one_error(hpcrun(as_user, "verify", "--keyring", pgp["mallory.gpg"], by_alice),
+                     errors.NOPERM, "key not in the keyring")
+    assert_one_error(hpcrun(as_user, "verify", "--keyring", pgp["garbage"], by_alice),
+                     errors.NOPERM, "key not in the keyring")
+    assert_one_error(hpcrun(as_user, "verify", "--keyring", pgp["dir"] + "/none", by_alice),
+                     errors.NOINPUT, "keyring not readable")
+    assert_one_error(hpcrun(as_user, "verify", by_alice), errors.USAGE, "--keyring")
+    # Apptainer's own signed test file: its key is not ours
+    assert_one_error(hpcrun(as_user, "verify", "--keyring", pgp["alice.gpg"],
+                            os.path.join(SIF_DIR, "one-group-signed-pgp.sif")),
+                     errors.NOPERM, "12045C8C0B1004D058DE4BEDA20C27EE7FF7BA84", "key not in the keyring")
+    # a good signature whose descriptor names another key (both in the keyring)
+    forged = pgp["make"]("claims-alice.sif", signer="mallory", claim="alice")
+    assert_one_error(hpcrun(as_user, "verify", "--keyring", pgp["both.gpg"], forged),
+                     errors.DATA, "made by key %s, but the descriptor names %s" % (pgp["mallory"], pgp["alice"]))
+
+
+@needs_gpg
+def test_sif_dsse_is_listed_never_verified(as_user, pgp):
+    path = os.path.join(SIF_DIR, "one-group-signed-dsse.sif")
+    r = hpcrun(as_user, "verify", "--keyring", pgp["alice.gpg"], path)
+    assert_one_error(r, errors.NOPERM, "DSSE", "not verified: DSSE")
+    assert "not accepted: DSSE" in r.stdout and "good" not in r.stdout
+    d = json.loads(hpcrun(as_user, "verify", "--json", "--keyring", pgp["alice.gpg"], path).stdout)
+    assert [(s["kind"], s["verified"]) for s in d["signatures"]] == [("dsse", False)] and not d["verified"]
+
+
+@needs_gpg
+def test_sif_signature_of_the_definition_file_alone_is_not_enough(as_user, pgp):
+    # a good signature of object 1 only (as `apptainer sign --sif-id 1`): what runs is unsigned
+    path = pgp["make"]("deffile-only.sif", ids=[1], link=1)
+    r = hpcrun(as_user, "verify", "--keyring", pgp["alice.gpg"], path)
+    assert_one_error(r, errors.NOPERM, "does not cover the primary partition")
+    assert "covers objects 1 (not the primary partition)" in r.stdout
+
+
+@needs_gpg
+def test_sif_policy(as_user, test_user, pgp, keys, image, site_config, shared_dir):
+    policy = site_config("require_signature = yes\nsif_keyring = %s\n" % pgp["alice.gpg"])
+    env = {"HPCRUN_LINGER": "0"}
+    good = pgp["make"]("policy-good.sif")
+    r = hpcrun(as_user, good, "echo", "ok", prefix=policy, env=env)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "ok\n", "")
+    assert_one_error(hpcrun(as_user, pgp["make"]("policy-unsigned.sif", unsigned=True), "true", prefix=policy,
+                            env=env), errors.NOPERM, "not signed")
+    assert_one_error(hpcrun(as_user, pgp["make"]("policy-mallory.sif", signer="mallory"), "true", prefix=policy,
+                            env=env), errors.NOPERM, "key not in the keyring")
+    tampered = pgp["make"]("policy-tampered.sif")
+    _flip(tampered, os.path.getsize(tampered) - 3000)     # inside the partition (the signature is ~1 KiB)
+    assert_one_error(hpcrun(as_user, tampered, "true", prefix=policy, env=env), errors.DATA, "data of object 2")
+    assert _nothing_left(as_user, test_user, tampered, policy)
+    _forget("/tmp/hpcrun-%d" % test_user.pw_uid, good)
+    # an hpcrun image where only SIFs are accepted; a keyring the user could write; the user's own file
+    assert_one_error(hpcrun(as_user, image, "true", prefix=policy, env=env), errors.NOPERM, "accepts only SIF")
+    assert_one_error(hpcrun(as_user, good, "true", prefix=site_config(
+        "require_signature = yes\nsif_keyring = %s\n" % pgp["users.gpg"]), env=env), errors.CONFIG, "owned by root")
+    conf = os.path.join(pgp["dir"], "my.conf")
+    with open(conf, "w") as f:
+        f.write("sif_keyring = %s\n" % pgp["alice.gpg"])
+    os.chmod(conf, 0o644)
+    assert_one_error(hpcrun(as_user, good, "true", env={"HPCRUN_CONF": conf}), errors.CONFIG, "cannot set sif_keyring")
+    # both kinds accepted when both are configured
+    both = site_config("require_signature = yes\nsif_keyring = %s\nallowed_signers = %s\n"
+                       % (pgp["alice.gpg"], keys["allowed"]))
+    sign(as_user, keys, image)
+    for img in (good, image):
+        r = hpcrun(as_user, img, "echo", "ok", prefix=both, env=env)
+        assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
+    _forget("/tmp/hpcrun-%d" % test_user.pw_uid, good, image)
+
+
+# ----------------------------------------------- the verified-identity cache ---
+
+def _forget(run_dir, *paths):
+    """Remove the cache records this test's images left in run_dir/verified."""
+    idents = {"%d:%d" % (os.stat(p).st_dev, os.stat(p).st_ino) for p in paths}
+    d = os.path.join(run_dir, "verified")
+    for name in os.listdir(d) if os.path.isdir(d) else []:
+        try:
+            with open(os.path.join(d, name)) as f:
+                ident = json.load(f)["ident"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if ":".join(ident.split(":")[1:3]) in idents:
+            os.unlink(os.path.join(d, name))
+
+
+def _records(run_dir, ident):
+    d = os.path.join(run_dir, "verified")
+    out = []
+    for name in os.listdir(d) if os.path.isdir(d) else []:
+        with open(os.path.join(d, name)) as f:
+            rec = json.load(f)
+        if rec["ident"] == ident:
+            out.append((os.path.join(d, name), rec))
+    return out
+
+
+def test_cache_skips_the_hash_and_trusts_nothing_else(hpcrun_bin, keys, image, tmp_path, monkeypatch):
+    """In process, as the keeper calls it: the first check reads the payload
+    and records the acceptance; the next one for the same file identity and
+    allowed_signers content does not read it; a record from the future or
+    too old, a link, a directory others may write, another allowed_signers
+    or a changed file are not trusted."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to read the test user's key")
+    from hpcrun import config, signature
+    from hpcrun import image as images
+    r = subprocess.run([hpcrun_bin, "sign", "-k", keys["alice"], image], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    dir_fd = os.open(str(run_dir), os.O_RDONLY | os.O_DIRECTORY)
+    reads = []
+    real = signature.verify_image
+    monkeypatch.setattr(signature, "verify_image", lambda *a, **kw: reads.append(kw) or real(*a, **kw))
+
+    def enforce(allowed=keys["allowed"], img=None, **kw):
+        cfg = config.Config({"require_signature": ["yes"], "allowed_signers": [allowed]}, [])
+        out = signature.enforce(img or images.open_image(image).describe(), cfg, cache_dir_fd=dir_fd, **kw)
+        return [x.principal for x in out if x.principal]
+    try:
+        assert enforce() == ["alice@site"] and len(reads) == 1
+        ident = images.open_image(image).describe()["ident"]
+        [(path, rec)] = _records(str(run_dir), ident)
+        assert os.stat(path).st_mode & 0o777 == 0o600 and os.stat(run_dir / "verified").st_mode & 0o777 == 0o700
+        assert rec["signers"] == ["alice@site"] and rec["trust"].startswith("allowed_signers:")
+        assert enforce() == ["alice@site"] and len(reads) == 1                # a hit: nothing read
+        assert enforce(payload_checked_later=True) == ["alice@site"] and len(reads) == 1
+
+        def forged(**change):
+            bad = dict(rec, **change)
+            with open(path, "w") as f:
+                json.dump(bad, f)
+        for change in ({"checked_at": rec["checked_at"] + 7200}, {"checked_at": rec["checked_at"] - 7200},
+                       {"ident": ident.replace("hpcrun:", "sif:")}, {"format": "hpcrun-verified 0"}):
+            forged(**change)
+            before = len(reads)
+            assert enforce() == ["alice@site"] and len(reads) == before + 1, change
+        os.unlink(path)
+        os.symlink(str(tmp_path / "elsewhere"), path)
+        with open(tmp_path / "elsewhere", "w") as f:
+            json.dump(rec, f)
+        before = len(reads)
+        enforce()
+        assert len(reads) == before + 1 and os.path.islink(path) is False      # replaced by a real record
+        os.chmod(run_dir / "verified", 0o770)
+        before = len(reads)
+        enforce()
+        assert len(reads) == before + 1
+        os.chmod(run_dir / "verified", 0o700)
+        # another allowed_signers (a line added): verified again, then its own record
+        other = tmp_path / "signers"
+        other.write_text(open(keys["allowed"]).read() + "# a comment\n")
+        before = len(reads)
+        enforce(str(other))
+        enforce(str(other))
+        assert len(reads) == before + 1
+        # a staged launch that skipped the payload records nothing
+        os.utime(image)
+        before = len(reads)
+        enforce(payload_checked_later=True)
+        enforce()
+        assert len(reads) == before + 2
+        # the file changed after the launch planned with it: the record is for the old identity
+        planned = images.open_image(image).describe()
+        os.utime(image, (1, 1))
+        with pytest.raises(Exception) as e:
+            enforce(img=planned)
+        assert getattr(e.value, "code", None) == errors.DATA and "image changed" in e.value.what
+    finally:
+        os.close(dir_fd)
+
+
+@needs_gpg
+def test_a_second_keeper_uses_the_record(as_user, test_user, pgp, site_config):
+    # two launches with other binds: two keepers; the first records the
+    # acceptance under the user's run_dir, naming this file identity; a change
+    # of the file is a new identity, checked again (65)
+    run_dir = "/tmp/hpcrun-%d" % test_user.pw_uid
+    policy = site_config("require_signature = yes\nsif_keyring = %s\n" % pgp["alice.gpg"])
+    env = {"HPCRUN_LINGER": "0"}
+    path = pgp["make"]("cached.sif")
+    try:
+        r = hpcrun(as_user, path, "echo", "one", prefix=policy, env=env)
+        assert (r.returncode, r.stdout) == (0, "one\n"), r.stderr
+        ident = json.loads(hpcrun(as_user, "--dry-run", path, "true", prefix=policy).stdout)["image"]["ident"]
+        [(record, rec)] = _records(run_dir, ident)
+        st = os.stat(record)
+        assert (st.st_uid, st.st_mode & 0o777) == (test_user.pw_uid, 0o600)
+        assert rec["signers"] == ["alice <alice@site> (%s)" % pgp["alice"]] and rec["trust"].startswith("sif_keyring:")
+        r = hpcrun(as_user, "-B", "/tmp:/mnt", path, "echo", "two", prefix=policy, env=env)
+        assert (r.returncode, r.stdout) == (0, "two\n"), r.stderr
+        _flip(path, os.path.getsize(path) - 3000)
+        r = hpcrun(as_user, "-B", "/tmp:/mnt", path, "true", prefix=policy, env=env)
+        assert_one_error(r, errors.DATA, "data of object 2")
+    finally:
+        _forget(run_dir, path)
