@@ -9,10 +9,17 @@ a fresh ed25519 key:
 and launches as root (kernel mount, in place) with HPCRUN_CONF:
   cold, policy off      `hpcrun IMG true`, no container on the node
   cold, policy on       the same with require_signature = yes: the keeper verifies first
+                        (its record in run_dir/verified/ removed before each round)
+  cold, policy, record  the same with the record of an earlier keeper present: no hash
+                        (the verified-identity cache; docs/sign.md)
   join, policy on       a rank joining a running container: no verification
   staged, policy off/on mount_strategy = fuse (Debian's squashfuse: the payload is staged once per
                         node and hashed while copied), so the keeper skips its own read; the copy
                         in run_dir/stage/ is kept across launches (docs/staging.md)
+and the same payload as the primary partition of a SIF signed with a fresh
+gpg ed25519 key (tests/siftools.py), require_signature with sif_keyring:
+  SIF sifsign.verify    gpgv + every digest the signature lists (the partition's included)
+  SIF cold, policy ...  off, on without a record, on with one
 
     python3 benchmarks/signing.py [--mb 200] [--dir /tmp] [--rounds 5]
 """
@@ -27,8 +34,23 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import imagetools  # noqa: E402
+import siftools  # noqa: E402
 from checks import keepers_of  # noqa: E402
-from hpcrun import imagefile, signature  # noqa: E402
+from hpcrun import imagefile, signature, sifsign  # noqa: E402
+from hpcrun import image as images  # noqa: E402
+
+
+def forget(path):
+    """Remove the verified-identity record of the image at path (root's run_dir)."""
+    ident = images.open_image(path).describe()["ident"]
+    d = "/tmp/hpcrun-%d/verified" % os.getuid()
+    for name in os.listdir(d) if os.path.isdir(d) else []:
+        try:
+            with open(os.path.join(d, name)) as f:
+                if ident in f.read():
+                    os.unlink(os.path.join(d, name))
+        except OSError:
+            pass
 
 
 def timed(fn, rounds):
@@ -72,6 +94,16 @@ def main():
         fd = os.open(img, os.O_RDONLY)
         size = os.fstat(fd).st_size
         h = imagefile.read_header(img, fd, size)
+        home = os.path.join(d, "gnupg")
+        fpr = siftools.gpg_key(home, "bench")
+        keyring = siftools.export_key(home, fpr, os.path.join(d, "keys.gpg"))
+        parts = [siftools.obj(siftools.DEFFILE, b"Bootstrap: scratch\n"),
+                 siftools.partition(os.pread(fd, h.size, h.offset))]
+        sif_img = siftools.write(os.path.join(d, "big.sif"), parts + [siftools.pgp_signature(
+            siftools.clearsign(siftools.pgp_body(parts), home, fpr), fpr)])
+        del parts
+        sif_on = os.path.join(d, "sif-on.conf")
+        open(sif_on, "w").write("require_signature = yes\nsif_keyring = %s\nlinger = 0\n" % keyring)
         sigs = signature.read_signatures(img, fd, h, size)
         msg = signature.message(h)
         print("image: %d MiB payload, 1 ed25519 signature; median (min) of %d" % (h.size >> 20, a.rounds))
@@ -79,25 +111,32 @@ def main():
                 ("ssh-keygen checks", lambda: signature.check_signatures(sigs, msg, allowed)),
                 ("verify_image", lambda: signature.verify_image(img, allowed))]
 
-        def launch(conf, *argv):
-            r = subprocess.run([hpcrun, img] + list(argv), env=dict(os.environ, HPCRUN_CONF=conf),
+        def launch(conf, *argv, path=img):
+            r = subprocess.run([hpcrun, path] + list(argv), env=dict(os.environ, HPCRUN_CONF=conf),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             if r.returncode:
                 raise SystemExit("launch failed: %s" % r.stderr.decode())
 
-        def wait_gone():
+        def wait_gone(path=img):
             deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and keepers_of(img):
+            while time.monotonic() < deadline and keepers_of(path):
                 time.sleep(0.05)
 
-        def cold(conf):
-            wait_gone()
-            launch(conf, "true")
+        def cold(conf, path=img, record=None):
+            wait_gone(path)
+            if record is False:
+                forget(path)
+            launch(conf, "true", path=path)
 
         rows += [("cold launch, policy off", lambda: cold(conf_off)),
-                 ("cold launch, policy on", lambda: cold(conf_on)),
+                 ("cold launch, policy on", lambda: cold(conf_on, record=False)),
+                 ("cold, policy, record", lambda: cold(conf_on, record=True)),
                  ("staged, policy off", lambda: cold(staged_off)),
-                 ("staged, policy on", lambda: cold(staged_on))]
+                 ("staged, policy on", lambda: cold(staged_on)),
+                 ("SIF sifsign.verify", lambda: sifsign.verify(sif_img, keyring)),
+                 ("SIF cold, policy off", lambda: cold(conf_off, sif_img)),
+                 ("SIF cold, policy on", lambda: cold(sif_on, sif_img, record=False)),
+                 ("SIF cold, policy, record", lambda: cold(sif_on, sif_img, record=True))]
         for name, fn in rows:
             med, low = timed(fn, a.rounds)
             print("  %-24s %8.1f ms (%.1f)" % (name, med * 1e3, low * 1e3))
@@ -109,8 +148,13 @@ def main():
         holder.kill()
         holder.wait()
         wait_gone()
+        wait_gone(sif_img)
+        forget(img)
+        forget(sif_img)
         os.close(fd)
     finally:
+        subprocess.run(["gpgconf", "--homedir", os.path.join(d, "gnupg"), "--kill", "gpg-agent"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         shutil.rmtree(d, ignore_errors=True)
 
 
