@@ -39,6 +39,7 @@ from hpcrun import errors, sif
 _INTEGRITY = struct.Struct("<iBIIqqqq")       # data type, used, relative ID, linked ID, size, ctime, uid, gid
 DIGESTS = ("sha224", "sha256", "sha384", "sha512")  # apptainer/sif's, less SHA-1
 GPGV_TIMEOUT = 60
+SIGNATURES_MAX = 64
 _ARMOR = b"-----BEGIN PGP PUBLIC KEY BLOCK-----"
 
 
@@ -277,6 +278,9 @@ def verify(path, keyring, site=False, expect_ident=None, keys=None):
         claimed = sif.signatures(path, fd, st.st_size)
         results = []
         sig_descs = [d for d in descriptors if d[0] == sif.DATA_SIGNATURE]
+        if len(sig_descs) > SIGNATURES_MAX:       # each costs a gpgv run
+            raise errors.Error(errors.DATA, "SIF has %d signature objects (at most %d are checked)"
+                               % (len(sig_descs), SIGNATURES_MAX), path)
         for d, c in zip(sig_descs, claimed):
             r = Result(d[2], c["kind"], c["signs"], c["keys"])
             results.append(r)
@@ -286,7 +290,8 @@ def verify(path, keyring, site=False, expect_ident=None, keys=None):
             if c["kind"] != "pgp":
                 r.reason = "not verified: not a PGP or DSSE signature"
                 continue
-            data = os.pread(fd, d[6], d[5]) if 0 < d[6] <= sif.SIGNATURE_MAX else b""
+            readable = 0 < d[6] <= sif.SIGNATURE_MAX and 0 <= d[5] <= st.st_size - d[6]
+            data = os.pread(fd, d[6], d[5]) if readable else b""
             verdict, fpr, uid, body = _gpgv_check(keyring_file, data.rstrip(b"\0"), home)
             if verdict == "nokey":
                 r.reason = "key not in the keyring"

@@ -307,11 +307,10 @@ class Cached:
 
 
 def _file_digest(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    data = fdio.read_regular(path)          # never blocks on a FIFO
+    if data is None:
+        raise errors.Error(errors.CONFIG, "allowed_signers is not a regular file of at most 16 MiB", path)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _cache_name(img, trust):

@@ -507,6 +507,8 @@ def test_sif_policy(as_user, test_user, pgp, keys, image, site_config, shared_di
     good = pgp["make"]("policy-good.sif")
     r = hpcrun(as_user, good, "echo", "ok", prefix=policy, env=env)
     assert (r.returncode, r.stdout, r.stderr) == (0, "ok\n", "")
+    r = hpcrun(as_user, "check", good, prefix=policy)          # the pre-flight says what the launch does
+    assert r.returncode == 0 and "accepted, signed by alice <alice@site>" in r.stdout, r.stdout + r.stderr
     assert_one_error(hpcrun(as_user, pgp["make"]("policy-unsigned.sif", unsigned=True), "true", prefix=policy,
                             env=env), errors.NOPERM, "not signed")
     assert_one_error(hpcrun(as_user, pgp["make"]("policy-mallory.sif", signer="mallory"), "true", prefix=policy,
@@ -662,3 +664,31 @@ def test_a_second_keeper_uses_the_record(as_user, test_user, pgp, site_config):
         assert_one_error(r, errors.DATA, "data of object 2")
     finally:
         _forget(run_dir, path)
+
+
+@needs_gpg
+def test_sif_hostile_signature_objects(as_user, pgp, busybox_squashfs):
+    # one line and a documented code, never a traceback or a gpgv per descriptor without end
+    import siftools
+    with open(busybox_squashfs, "rb") as f:
+        parts = [siftools.obj(siftools.DEFFILE, b"Bootstrap: scratch\n"), siftools.partition(f.read())]
+    text = siftools.clearsign(siftools.pgp_body(parts), pgp["home"], pgp["alice"])
+    d = pgp["dir"]
+    many = siftools.write(os.path.join(d, "many.sif"), parts + [siftools.pgp_signature(text, pgp["alice"])] * 65,
+                          total=80)
+    assert_one_error(hpcrun(as_user, "verify", "--keyring", pgp["alice.gpg"], many), errors.DATA,
+                     "65 signature objects")
+    # a good signature of something that is not Apptainer's digest list
+    other = siftools.write(os.path.join(d, "not-json.sif"), parts + [siftools.pgp_signature(
+        siftools.clearsign("SIFHASH:\n" + "0" * 64 + "\n", pgp["home"], pgp["alice"]), pgp["alice"])])
+    assert_one_error(hpcrun(as_user, "verify", "--keyring", pgp["alice.gpg"], other), errors.NOPERM,
+                     "not Apptainer's signature format")
+    # an armored block that is no signature at all, and one that names no key
+    junk = siftools.write(os.path.join(d, "junk.sif"), parts + [siftools.pgp_signature(
+        b"-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\n{}\n", pgp["alice"])])
+    assert_one_error(hpcrun(as_user, "verify", "--keyring", pgp["alice.gpg"], junk), errors.NOPERM,
+                     "not a valid PGP signature")
+    # a signature text followed by a second signed message: one message, one signature
+    twice = siftools.write(os.path.join(d, "twice.sif"), parts + [siftools.pgp_signature(text + text, pgp["alice"])])
+    r = hpcrun(as_user, "verify", "--keyring", pgp["alice.gpg"], twice)
+    assert_one_error(r, errors.NOPERM, "not a valid PGP signature")
