@@ -692,3 +692,28 @@ def test_sif_hostile_signature_objects(as_user, pgp, busybox_squashfs):
     twice = siftools.write(os.path.join(d, "twice.sif"), parts + [siftools.pgp_signature(text + text, pgp["alice"])])
     r = hpcrun(as_user, "verify", "--keyring", pgp["alice.gpg"], twice)
     assert_one_error(r, errors.NOPERM, "not a valid PGP signature")
+
+
+@needs_gpg
+def test_sif_under_the_policy_is_mounted_from_the_checked_file(as_user, test_user, pgp, site_config, shared_dir):
+    # a node-local broadcast copy exists: the SIF still runs, from the file its signature was checked on
+    policy = site_config("require_signature = yes\nsif_keyring = %s\n" % pgp["alice.gpg"])
+    to = tempfile.mkdtemp(prefix="sign-bcast-", dir=shared_dir)
+    os.chown(to, test_user.pw_uid, test_user.pw_gid)
+    conf = os.path.join(pgp["dir"], "bcast.conf")
+    with open(conf, "w") as f:
+        f.write("broadcast_dir = %s\n" % to)
+    os.chmod(conf, 0o644)
+    env = {"HPCRUN_LINGER": "0", "HPCRUN_CONF": conf}
+    good = pgp["make"]("bcast.sif")
+    try:
+        r = hpcrun(as_user, "broadcast", "--mpi", "no", "--no-job", good, env=env)
+        assert r.returncode == 0, r.stderr
+        assert any(n.endswith(".sqfs") for n in os.listdir(to)), os.listdir(to)
+        r = hpcrun(as_user, "-v", good, "echo", "ok", prefix=policy, env=env)
+        assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+        assert "broadcast copy" not in r.stderr
+    finally:
+        hpcrun(as_user, "broadcast", "--clean", "--no-job", env=env)
+        _forget("/tmp/hpcrun-%d" % test_user.pw_uid, good)
+        shutil.rmtree(to, ignore_errors=True)
