@@ -617,6 +617,22 @@ def test_cache_skips_the_hash_and_trusts_nothing_else(hpcrun_bin, keys, image, t
         enforce()
         assert len(reads) == before + 1
         os.chmod(run_dir / "verified", 0o700)
+        # a link in the directory's place: not followed, nothing written there
+        os.rename(run_dir / "verified", tmp_path / "moved")
+        os.symlink(str(tmp_path / "moved"), run_dir / "verified")
+        names = sorted(os.listdir(tmp_path / "moved"))
+        before = len(reads)
+        enforce()
+        assert len(reads) == before + 1 and sorted(os.listdir(tmp_path / "moved")) == names
+        os.unlink(run_dir / "verified")
+        os.rename(tmp_path / "moved", run_dir / "verified")
+        # records past their time (and a left-over temporary) are pruned when one is written
+        stale = run_dir / "verified" / ("0" * 64)
+        stale.write_text("{}")
+        os.utime(stale, (rec["checked_at"] - 7200,) * 2)
+        os.unlink(path)
+        enforce()
+        assert not stale.exists() and os.path.exists(path)
         # another allowed_signers (a line added): verified again, then its own record
         other = tmp_path / "signers"
         other.write_text(open(keys["allowed"]).read() + "# a comment\n")
