@@ -147,7 +147,7 @@ def mount_image(plan, target, run_dir_fd, run_dir, bcast=None, verify_bcast=Fals
         else:
             _extract(bcast, target, st)
         plan["stage"] = {"strategy": how, "source": bcast, "offset": 0, "broadcast": True}
-        plan.setdefault("notes", []).append("image mounted from its node-local broadcast copy %s" % bcast)
+        plan.setdefault("notes", []).append("image mounted from its node-local broadcast copy %s (%s)" % (bcast, how))
         return st
     if how == "dir":
         linux.mount(img["path"], target, None, linux.MS_BIND | linux.MS_REC)

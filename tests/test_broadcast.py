@@ -274,3 +274,54 @@ def test_a_node_step_after_sbcast_indexes_the_shared_image(node, images, hpcrun_
                   "--for", images.img, local])
     assert_one_error(r, 65, "not a copy of the --for image")
     assert entries(os.path.join(node.base, "x")) == []
+
+
+def test_checks_still_apply_to_a_broadcast_copy(node, images, hpcrun_bin, site_config, test_user):
+    """require_signature: the signature is read from the image file, and the
+    keeper hashes the local copy against the signed claim (a copy changed
+    after landing is 65); a pin is checked against the image file."""
+    img = os.path.join(node.base, "signed.img")
+    shutil.copyfile(images.img, img)
+    os.chown(img, test_user.pw_uid, test_user.pw_gid)
+    os.chmod(img, 0o755)
+    key = os.path.join(node.base, "key")
+    r = node.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "alice@site", "-f", key])
+    assert r.returncode == 0, r.stderr
+    assert node.run([hpcrun_bin, "sign", "-k", key, img]).returncode == 0
+    signers = os.path.join(node.base, "allowed_signers")
+    with open(signers, "w") as f:
+        f.write('alice@site namespaces="hpcrun-image" %s\n' % open(key + ".pub").read().strip())
+    policy = site_config("require_signature = yes\nallowed_signers = %s\n" % signers)
+    assert node.run([hpcrun_bin, "broadcast", img]).returncode == 0
+    copy = os.path.join(node.bcast, images.name)
+    r = node.run([hpcrun_bin, "-v", "--image-digest", "sha256:" + images.sha, img, "true"], prefix=policy)
+    assert r.returncode == 0 and "broadcast copy %s" % copy in r.stderr, r.stderr
+    r = node.run([hpcrun_bin, "--image-digest", "sha256:" + "0" * 64, img, "true"], prefix=policy)
+    assert_one_error(r, 65, "not the one pinned")
+    assert eventually(lambda: not keepers_of(img))
+    with open(copy, "r+b") as f:
+        f.seek(images.size - 100)
+        f.write(b"\xff" * 16)
+    r = node.run([hpcrun_bin, img, "true"], prefix=policy)
+    assert_one_error(r, 65, "does not match its header", copy)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="root's kernel mount")
+def test_root_kernel_mount_uses_the_copy(images, hpcrun_bin, shared_dir):
+    base = tempfile.mkdtemp(prefix="bcast-root-", dir=shared_dir)
+    conf = os.path.join(base, "hpcrun.conf")
+    with open(conf, "w") as f:
+        f.write("run_dir = %s/run\n" % base)
+    env = dict(os.environ, HPCRUN_CONF=conf, HPCRUN_LINGER="0")
+    try:
+        r = subprocess.run([hpcrun_bin, "broadcast", images.img], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        copy = os.path.join(base, "run", "bcast", images.name)
+        r = subprocess.run([hpcrun_bin, "-v", images.img, "wc", "-c", "/etc/bcast-token"], env=env,
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.split()[0] == str(2 << 20), r.stderr
+        assert "broadcast copy %s" % copy in r.stderr and "(kernel)" in r.stderr, r.stderr
+        assert eventually(lambda: not keepers_of(images.img))
+        assert subprocess.run(["losetup", "-j", copy], capture_output=True, text=True).stdout == ""
+    finally:
+        shutil.rmtree(base)
