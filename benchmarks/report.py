@@ -113,6 +113,9 @@ def markdown(res):
                     c.get("max_squashfuse", "—"),
                     "%s (%s)" % (c["max_loop_devices"], c["loop_devices_before"]) if "max_loop_devices" in c else "—"))
         out += ["- %s" % e for e in sc["errors"]] + [""]
+    if res.get("broadcast"):
+        import broadcast
+        out.append(broadcast.markdown(res["broadcast"]))
     return "\n".join(out)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run all benchmarks (`make bench`): containerized (hpcrun, ch-run) vs native, side by side.
 
-    python3 benchmarks/run.py [--quick | --smoke] [--budget S] [--only entry,rankpath,pingpong,launch,scale]
+    python3 benchmarks/run.py [--quick | --smoke] [--budget S] [--only entry,rankpath,pingpong,launch,scale,broadcast]
                               [--user NAME] [--out DIR] [--build DIR]
 
 Builds what it needs (the C programs with mpicc, images from host files), runs
@@ -19,6 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import broadcast  # noqa: E402
 import common  # noqa: E402
 import entry  # noqa: E402
 import images  # noqa: E402
@@ -27,14 +28,17 @@ import pingpong_run  # noqa: E402
 import rankpath  # noqa: E402
 import report  # noqa: E402
 
-PARTS = ("entry", "rankpath", "pingpong", "launch", "scale")
+PARTS = ("entry", "rankpath", "pingpong", "launch", "scale", "broadcast")
 MODES = {  # sized for a 2-core machine
     "full": dict(budget=1500, entry_runs=200, rp_runs=20, rp_rounds=10, pp_rounds=3, pp_args=pingpong_run.FULL_ARGS, langs=("c", "python"),
-                 ranks=(2, 4, 8, 16, 32, 64), launch_rounds=3, scale=(64, 128, 256, 512), pp_timeout=180),
+                 ranks=(2, 4, 8, 16, 32, 64), launch_rounds=3, scale=(64, 128, 256, 512), pp_timeout=180,
+                 bcast_mb=256, bcast_nodes=(1, 2, 3, 4), bcast_rounds=3),
     "quick": dict(budget=300, entry_runs=30, rp_runs=10, rp_rounds=3, pp_rounds=1, pp_args=pingpong_run.QUICK_ARGS, langs=("c", "python"),
-                  ranks=(2, 4, 8), launch_rounds=1, scale=(64,), pp_timeout=60),
+                  ranks=(2, 4, 8), launch_rounds=1, scale=(64,), pp_timeout=60,
+                  bcast_mb=64, bcast_nodes=(1, 2, 4), bcast_rounds=1),
     "smoke": dict(budget=120, entry_runs=5, rp_runs=3, rp_rounds=1, pp_rounds=1, pp_args=pingpong_run.SMOKE_ARGS, langs=("c", "python"),
-                  ranks=(2,), launch_rounds=1, scale=(8,), pp_timeout=30),
+                  ranks=(2,), launch_rounds=1, scale=(8,), pp_timeout=30,
+                  bcast_mb=4, bcast_nodes=(1, 2), bcast_rounds=1),
 }
 
 
@@ -86,6 +90,9 @@ def main(argv=None):
         res["launch"] = launch.mpirun_launch(built, cfg["ranks"], cfg["launch_rounds"], budget, log, use_srun)
     if "scale" in parts:
         res["scale"] = launch.entry_at_scale(built, cfg["scale"], budget, log)
+    if "broadcast" in parts:
+        res["broadcast"] = broadcast.run(a.build, cfg["bcast_mb"], cfg["bcast_nodes"], cfg["bcast_rounds"], budget,
+                                         log)
     res["meta"]["elapsed_s"] = time.monotonic() - t0
     res["meta"]["budget_exhausted"] = budget.exhausted()
     files = report.write(res, a.out)

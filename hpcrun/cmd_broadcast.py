@@ -479,26 +479,39 @@ class Broadcast:
         """Chunks from stream rank 0 (world rank 0) to the others.  A failure
         on one side does not stop the collective: it is remembered and said
         in the next agreement.  Returns (error or None, digest at rank 0)."""
-        err = None
         size = desc["size"]
-        buf = bytearray(min(self.chunk, max(size, 1)))
-        view = memoryview(buf)
+        counts = [min(self.chunk, size - off) for off in range(0, size, self.chunk)]
+        # Two buffers: chunk k+1 travels (Ibcast) while chunk k is hashed and
+        # written; Test() between 1 MiB writes drives the transfer (Open MPI
+        # progresses non-blocking collectives only inside MPI calls).
+        views = [memoryview(bytearray(min(self.chunk, max(size, 1)))) for _ in range(min(2, len(counts)) or 1)]
         me = stream.Get_rank()
-        left = size
-        while left:
-            n = min(len(buf), left)
-            if me == 0 and err is None:
+        state = {"err": None}
+
+        def post(k):
+            view = views[k % len(views)]
+            if me == 0 and state["err"] is None:
                 try:
-                    src.read_into(view[:n])
+                    src.read_into(view[:counts[k]])
                 except errors.Error as e:
-                    err = e
-            stream.Bcast([buf, n, MPI.BYTE], root=0)
-            if land is not None and err is None:
-                try:
-                    land.write(view[:n], hashed=me != 0)
-                except errors.Error as e:
-                    err = e
-            left -= n
+                    state["err"] = e
+            return stream.Ibcast([view.obj, counts[k], MPI.BYTE], root=0)
+
+        req = post(0) if counts else None
+        for k, n in enumerate(counts):
+            req.Wait()
+            req = post(k + 1) if k + 1 < len(counts) else None
+            if land is None or state["err"] is not None:
+                continue
+            chunk = views[k % len(views)][:n]
+            try:
+                for off in range(0, n, 1 << 20):
+                    land.write(chunk[off:off + (1 << 20)], hashed=me != 0)
+                    if req is not None:
+                        req.Test()
+            except errors.Error as e:
+                state["err"] = e
+        err = state["err"]
         digest = None
         if me == 0 and err is None:
             try:
