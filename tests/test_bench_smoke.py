@@ -35,7 +35,7 @@ def _summary_ok(s):
 def test_every_part_ran_in_smoke_mode(smoke):
     res = smoke["res"]
     assert res["meta"]["mode"] == "smoke"
-    assert set(res) >= {"meta", "entry", "pingpong", "launch", "scale"}
+    assert set(res) >= {"meta", "entry", "pingpong", "launch", "scale", "broadcast"}
     assert not res["meta"]["budget_exhausted"], "smoke run hit its time budget: %s" % smoke["stderr"][-2000:]
 
 
@@ -82,6 +82,16 @@ def test_containers_were_measured(smoke):
     for case in ("hpcrun IMG.img", "hpcrun IMG.sqfs"):
         for c in [by_case[case] for by_case in res["scale"]["counts"].values()]:
             assert c["failed"] == 0 and c["mount_namespaces"] == 1, (case, c)  # one container per node
+
+
+def test_broadcast_results(smoke):
+    b = smoke["res"]["broadcast"]
+    assert b["errors"] == [] and b["counts"], b
+    for n, c in b["counts"].items():
+        assert _summary_ok(c["shared_s"]) and _summary_ok(c["broadcast_s"]), c
+        # every node staging reads the payload N times; the broadcast once
+        assert (c["bytes_read_shared"], c["bytes_read_broadcast"]) == (int(n) * b["payload_bytes"], b["payload_bytes"])
+    assert "Staging on N fake nodes" in (smoke["out"] / "results.md").read_text()
 
 
 def test_markdown_and_plots_written(smoke):
