@@ -138,9 +138,10 @@ def pgp_body(objects, group=1, launch=LAUNCH, ident=b"\0" * 16, when=GO_ZERO_TIM
     return json.dumps({"version": 1, "header": {"digest": h(header)}, "objects": entries}, separators=(",", ":"))
 
 
-def clearsign(text, gnupghome, fingerprint):
+def clearsign(text, gnupghome, fingerprint, when=None):
     return subprocess.run(["gpg", "--batch", "--quiet", "--homedir", gnupghome, "--local-user", fingerprint,
-                           "--digest-algo", "SHA256", "--clearsign"], input=text.encode(), check=True,
+                           "--digest-algo", "SHA256"] + (["--faked-system-time", when] if when else [])
+                          + ["--clearsign"], input=text.encode(), check=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE).stdout
 
 
@@ -152,15 +153,27 @@ def pgp_signature(signed, fingerprint, group=1, link=None):
                extra=struct.pack("<i", 1) + bytes.fromhex(fingerprint))
 
 
-def gpg_key(gnupghome, name):
-    """A fresh ed25519 signing key (no passphrase) in gnupghome: its fingerprint."""
+def gpg_key(gnupghome, name, expire="never", when=None):
+    """A fresh ed25519 signing key (no passphrase) in gnupghome: its
+    fingerprint.  when: gpg's --faked-system-time (20200101T000000), for a
+    key that has expired by now."""
     os.makedirs(gnupghome, mode=0o700, exist_ok=True)
-    subprocess.run(["gpg", "--batch", "--quiet", "--homedir", gnupghome, "--passphrase", "",
-                    "--quick-gen-key", "%s <%s@site>" % (name, name), "ed25519", "sign", "never"],
+    subprocess.run(["gpg", "--batch", "--quiet", "--homedir", gnupghome, "--passphrase", ""]
+                   + (["--faked-system-time", when] if when else [])
+                   + ["--quick-gen-key", "%s <%s@site>" % (name, name), "ed25519", "sign", expire],
                    check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = subprocess.run(["gpg", "--batch", "--homedir", gnupghome, "--with-colons", "--list-keys", name],
                          check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE).stdout.decode()
     return [ln.split(":")[9] for ln in out.splitlines() if ln.startswith("fpr:")][0]
+
+
+def revoke_key(gnupghome, fingerprint):
+    """Import the revocation certificate gpg made with the key (its armor
+    line starts with ':' so that it is not imported by mistake)."""
+    with open(os.path.join(gnupghome, "openpgp-revocs.d", fingerprint + ".rev"), "rb") as f:
+        cert = f.read().replace(b"\n:-----BEGIN", b"\n-----BEGIN")
+    subprocess.run(["gpg", "--batch", "--quiet", "--homedir", gnupghome, "--import"], input=cert, check=True,
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def export_key(gnupghome, fingerprint, path, armor=False):

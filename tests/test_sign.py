@@ -372,8 +372,9 @@ def pgp(shared_dir, test_user, busybox_squashfs):
     home = os.path.join(d, "gnupg")
     k = {"home": home, "dir": d}
     try:
-        for name in ("alice", "mallory"):
+        for name in ("alice", "mallory", "gone"):
             k[name] = siftools.gpg_key(home, name)
+        k["old"] = siftools.gpg_key(home, "old", expire="1d", when="20200101T000000")   # expired since
         k["alice.gpg"] = siftools.export_key(home, k["alice"], os.path.join(d, "alice.gpg"))
         k["alice.asc"] = siftools.export_key(home, k["alice"], os.path.join(d, "alice.asc"), armor=True)
         k["mallory.gpg"] = siftools.export_key(home, k["mallory"], os.path.join(d, "mallory.gpg"))
@@ -391,11 +392,11 @@ def pgp(shared_dir, test_user, busybox_squashfs):
         with open(busybox_squashfs, "rb") as f:
             objects = [siftools.obj(siftools.DEFFILE, b"Bootstrap: scratch\n"), siftools.partition(f.read())]
 
-        def make(name, signer="alice", claim=None, ids=None, link=None, unsigned=False):
+        def make(name, signer="alice", claim=None, ids=None, link=None, unsigned=False, when=None):
             path = os.path.join(d, name)
             sig = []
             if not unsigned:
-                text = siftools.clearsign(siftools.pgp_body(objects, ids=ids), home, k[signer])
+                text = siftools.clearsign(siftools.pgp_body(objects, ids=ids), home, k[signer], when)
                 sig = [siftools.pgp_signature(text, k[claim or signer], link=link)]
             return siftools.write(path, objects + sig)
         k["make"] = make
@@ -479,6 +480,23 @@ def test_sif_pgp_unknown_key_and_wrong_keyring(as_user, pgp):
     forged = pgp["make"]("claims-alice.sif", signer="mallory", claim="alice")
     assert_one_error(hpcrun(as_user, "verify", "--keyring", pgp["both.gpg"], forged),
                      errors.DATA, "made by key %s, but the descriptor names %s" % (pgp["mallory"], pgp["alice"]))
+
+
+@needs_gpg
+def test_sif_pgp_expired_and_revoked_keys_are_77(as_user, pgp):
+    # gpgv itself exits 0 for a key that has expired since it signed: hpcrun refuses it
+    import siftools
+    old = pgp["make"]("old.sif", signer="old", when="20200101T010000")
+    gone = pgp["make"]("gone.sif", signer="gone")
+    siftools.revoke_key(pgp["home"], pgp["gone"])            # after it signed
+    keyring = os.path.join(pgp["dir"], "old+gone.gpg")
+    with open(keyring, "wb") as f:
+        for name in ("old", "gone"):
+            f.write(open(siftools.export_key(pgp["home"], pgp[name], os.path.join(pgp["dir"], name + ".gpg")),
+                         "rb").read())
+    os.chmod(keyring, 0o644)
+    assert_one_error(hpcrun(as_user, "verify", "--keyring", keyring, old), errors.NOPERM, "key expired in the keyring")
+    assert_one_error(hpcrun(as_user, "verify", "--keyring", keyring, gone), errors.NOPERM, "key revoked in the keyring")
 
 
 @needs_gpg
