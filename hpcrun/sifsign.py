@@ -30,11 +30,12 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import struct
 import subprocess
 import tempfile
 
-from hpcrun import errors, sif
+from hpcrun import errors, imagefile, sif
 
 _INTEGRITY = struct.Struct("<iBIIqqqq")       # data type, used, relative ID, linked ID, size, ctime, uid, gid
 DIGESTS = ("sha224", "sha256", "sha384", "sha512")  # apptainer/sif's, less SHA-1
@@ -86,7 +87,6 @@ def read_keyring(path, site):
         raise errors.Error(errors.CONFIG if site else errors.NOINPUT, "keyring not readable: %s" % e.strerror, path)
     try:
         st = os.fstat(fd)
-        import stat
         if not stat.S_ISREG(st.st_mode) or st.st_size > (16 << 20):
             raise errors.Error(errors.CONFIG if site else errors.NOINPUT,
                                "keyring is not a regular file of at most 16 MiB", path)
@@ -260,7 +260,6 @@ def verify(path, keyring, site=False, expect_ident=None, keys=None):
     """Check every signature object of the SIF at path against keyring (a
     file; keys: its bytes, already read).  Returns (results, primary
     partition's ID or None)."""
-    from hpcrun import imagefile
     if keys is None:
         keys = read_keyring(keyring, site)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
