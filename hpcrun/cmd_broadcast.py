@@ -45,6 +45,8 @@ def main(argv):
     p.add_argument("--no-job", action="store_true", help="land in DIR itself, not in a job's subdirectory")
     p.add_argument("--clean", action="store_true", help="remove the job's copies on this node (the job's "
                                                          "directory; with --no-job, DIR's own copies)")
+    p.add_argument("--uid", type=int, metavar="UID", help="root only, with --clean: the user whose copies go "
+                                                           "(a job epilogue)")
     p.add_argument("--mpi", choices=("auto", "yes", "no"), default="auto",
                    help="auto: MPI when an MPI launcher started us (default)")
     p.add_argument("--chunk-mib", type=int, default=CHUNK_MIB, metavar="N", help="MiB per MPI_Bcast (default 8)")
@@ -59,6 +61,8 @@ def main(argv):
         raise errors.Error(errors.USAGE, "--job must be a plain name (letters, digits, . _ -)", ascii(args.job))
     if not 1 <= args.chunk_mib <= 1024:
         raise errors.Error(errors.USAGE, "--chunk-mib must be 1 to 1024", str(args.chunk_mib))
+    if args.uid is not None and (not args.clean or os.getuid() != 0):
+        raise errors.Error(errors.USAGE, "--uid is for root's --clean (a job epilogue)", p.prog)
     if args.clean:
         if args.image:
             raise errors.Error(errors.USAGE, "--clean takes no IMAGE", p.prog)
@@ -85,7 +89,7 @@ class Where:
 def target(args, create=True):
     """Open (and make) <dir>[/job-ID] with the run directory's care: our own,
     not writable by others, never through a symlink."""
-    uid = os.getuid()
+    uid = os.getuid() if args.uid is None else args.uid
     cfg = config.load()
     run_dir = node.run_dir_path(cfg, uid)
     job = None if args.no_job else (args.job or stage.job_id(os.environ))

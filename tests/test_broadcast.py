@@ -243,7 +243,7 @@ def test_clear_errors_alone(node, images, hpcrun_bin, busybox_root, test_user):
     assert not os.path.exists(os.path.join(node.base, "e"))
 
 
-def test_job_directories_and_clean(node, images, hpcrun_bin):
+def test_job_directories_and_clean(node, images, hpcrun_bin, test_user):
     for job in ("101", "102"):
         r = node.run([hpcrun_bin, "broadcast", images.img], env={"SLURM_JOB_ID": job})
         assert r.returncode == 0, r.stderr
@@ -258,6 +258,30 @@ def test_job_directories_and_clean(node, images, hpcrun_bin):
     assert r.returncode == 0 and os.listdir(node.bcast) == []
     r = node.run([hpcrun_bin, "broadcast", "--clean", "--job", "102"])     # again: nothing to do
     assert r.returncode == 0
+    # a job epilogue as root cleans the user's job directory (owner checked as the user's)
+    assert node.run([hpcrun_bin, "broadcast", images.img], env={"SLURM_JOB_ID": "103"}).returncode == 0
+    r = subprocess.run([hpcrun_bin, "broadcast", "--clean", "--uid", str(test_user.pw_uid), "--job", "103"],
+                       env=dict(os.environ, HPCRUN_CONF=node.env["HPCRUN_CONF"]), capture_output=True, text=True)
+    assert r.returncode == 0 and os.listdir(node.bcast) == [], r.stderr
+    r = node.run([hpcrun_bin, "broadcast", "--clean", "--uid", "0"])
+    assert_one_error(r, 64, "--uid")
+
+
+def test_a_killed_broadcasts_half_copy_is_removed_by_the_next(node, images, hpcrun_bin, test_user):
+    d = node.bcast
+    for x in (node.run_dir, d):
+        os.mkdir(x, 0o700)
+        os.chown(x, test_user.pw_uid, test_user.pw_gid)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = os.path.join(d, ".tmp.%d.%s" % (dead.pid, images.name))
+    with open(stale, "wb") as f:
+        f.write(b"half")
+    os.chown(stale, test_user.pw_uid, test_user.pw_gid)
+    r = node.run([hpcrun_bin, "-v", images.img, "true"])
+    assert r.returncode == 0 and "broadcast copy" not in r.stderr      # a launch never takes a .tmp
+    r = node.run([hpcrun_bin, "broadcast", "--no-job", images.img])
+    assert r.returncode == 0 and entries(d) == [os.path.join(d, images.name)], r.stderr
 
 
 def test_a_node_step_after_sbcast_indexes_the_shared_image(node, images, hpcrun_bin):
