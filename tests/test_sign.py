@@ -751,3 +751,26 @@ def test_sif_under_the_policy_is_mounted_from_the_checked_file(as_user, test_use
         hpcrun(as_user, "broadcast", "--clean", "--no-job", env=env)
         _forget("/tmp/hpcrun-%d" % test_user.pw_uid, good)
         shutil.rmtree(to, ignore_errors=True)
+
+
+@needs_gpg
+def test_verify_keyring_on_hostile_sif_descriptors(as_user, pgp, busybox_squashfs):
+    # test_hostile.py's malformed SIFs, through verify --keyring: one line, 65 or 77, printable output
+    import siftools
+    from test_hostile import SIF_CASES, _sif_patch
+    with open(busybox_squashfs, "rb") as f:
+        payload = f.read()
+    for kind, (extra, patches, _) in sorted(SIF_CASES.items()):
+        objects = [siftools.partition(payload)]
+        if extra == "meta":
+            objects.append(siftools.obj(siftools.GENERIC_JSON, b"{}", name="inspect-metadata.json"))
+        elif extra is not None:
+            objects.append(siftools.obj(siftools.SIGNATURE, b"-----BEGIN PGP SIGNED MESSAGE-----\n"
+                                        if extra == "sig" else extra, extra=b"\1\0\0\0" + b"\xab" * 20))
+        img = siftools.write(os.path.join(pgp["dir"], "hostile-%s.sif" % kind), objects)
+        for at, value in patches:
+            _sif_patch(img, at, value)
+        r = hpcrun(as_user, "verify", "--keyring", pgp["alice.gpg"], img)
+        assert r.returncode in (errors.DATA, errors.NOPERM), (kind, r.returncode, r.stderr)
+        assert_one_error(r, r.returncode)
+        assert all(line.isprintable() for line in r.stdout.splitlines()) and "good" not in r.stdout, (kind, r.stdout)
