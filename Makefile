@@ -51,6 +51,9 @@ $(STAMP): $(VENV)/.base $(PKG_FILES)
 	  rm -rf build hpcrun.egg-info'
 	@# Unprivileged users cannot write __pycache__ in the venv: compile now, or every rank recompiles.
 	$(VENV)/bin/python -m compileall -q $$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/hpcrun >/dev/null
+	@# The install step users take after pip (docs/install.md): bin/hpcrun starts Python with -I -S
+	@# and loads the rank's modules from one file.  Last: the bundle records the package's state.
+	$(VENV)/bin/hpcrun install-entry >/dev/null
 	@touch $@
 
 plugins: .deps-stamp

@@ -21,6 +21,7 @@ usage: hpcrun [options] IMAGE COMMAND [ARGS...]
        hpcrun sign [-k KEY] IMAGE                   add an OpenSSH signature
        hpcrun verify [--allowed-signers FILE] IMAGE check its signatures
        hpcrun broadcast IMAGE | --clean             copy IMAGE to node-local storage, once per job (MPI)
+       hpcrun install-entry [--bin DIR]             make `hpcrun` start Python with -I -S (docs/install.md)
        hpcrun version
 
 options (before IMAGE):
@@ -42,7 +43,7 @@ options (before IMAGE):
 Exit codes: docs/exit-codes.md."""
 
 SUBCOMMANDS = ("exec", "run", "shell", "inspect", "check", "build", "sign", "verify", "version", "task-entry",
-               "help", "run-help", "broadcast")
+               "help", "run-help", "broadcast", "install-entry")
 _WITH_VALUE = {"-B": "binds", "--bind": "binds", "--pwd": "pwd", "--env": "env", "--env-file": "env_files",
                "--mpi": "mpi", "--image-digest": "image_digest"}
 _FLAGS = {"--cleanenv": "cleanenv", "--no-home": "no_home", "--dry-run": "dry_run", "-v": "verbose",

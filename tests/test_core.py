@@ -1278,6 +1278,7 @@ def _hpcrun_imports():
 
 # The node container's floors (docs/design.md): each may import only what is listed.
 FLOORS = {
+    "entry": set(),
     "join": {"errors", "fdio", "node", "rankcalls"},
     "node": {"errors", "fdio", "linux", "stage", "rootfs", "mpi", "gpu", "plan", "signature"},
     "signature": {"errors", "fdio", "imagefile", "sifsign"},

@@ -1133,15 +1133,11 @@ def test_ld_preload_does_not_reach_the_program(case):
     case.assert_clean()
 
 
-# Known gap (docs/security.md): pip's console script starts the venv's python
-# without -I (pip drops interpreter options from a script's first line), so
-# variables read before hpcrun's first line still act.  Closing it needs an
-# entry of our own that starts Python with -I (issue 15).  strict: the day it
-# holds, these must be turned back into plain cases.
-_NEEDS_ISOLATED_ENTRY = pytest.mark.xfail(strict=True, reason="pip's entry script starts Python without -I")
-PYTHON_ENV = [pytest.param("inspect", {"PYTHONINSPECT": "1"}, id="inspect", marks=_NEEDS_ISOLATED_ENTRY),
-              pytest.param("verbose", {"PYTHONVERBOSE": "1"}, id="verbose", marks=_NEEDS_ISOLATED_ENTRY),
-              pytest.param("home", {"PYTHONHOME": "/nonexistent"}, id="home", marks=_NEEDS_ISOLATED_ENTRY),
+# hpcrun as installed (pip, then `hpcrun install-entry`: docs/install.md) starts
+# Python with -I -S, so no PYTHON* variable acts before hpcrun's first line.
+PYTHON_ENV = [pytest.param("inspect", {"PYTHONINSPECT": "1"}, id="inspect"),
+              pytest.param("verbose", {"PYTHONVERBOSE": "1"}, id="verbose"),
+              pytest.param("home", {"PYTHONHOME": "/nonexistent"}, id="home"),
               pytest.param("warnings-error", {"PYTHONWARNINGS": "error"}, id="warnings-error"),
               pytest.param("dev-mode", {"PYTHONDEVMODE": "1", "PYTHONMALLOC": "debug"}, id="dev-mode")]
 

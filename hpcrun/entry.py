@@ -1,0 +1,103 @@
+"""hpcrun's own entry: Python isolated (-I), without site (-S), the rank's modules from one file.
+
+`hpcrun install-entry` (cmd_install_entry.py, docs/install.md) writes, in place of pip's
+console script (pip drops options from a script's first line):
+
+  <bin>/hpcrun   `#!<python> -IS` and a few lines (BOOT below): open the bundle, run this
+                 module's code from it, then cli.main()
+  hpcrun/__pycache__/hpcrun.<cache tag>.bundle
+                 one marshal'd tuple (this module's code, the package directory's mtime,
+                 {module: (file, is package, offset, size)}) followed by the modules'
+                 marshal'd code at those offsets: what a rank imports (RANK_MODULES)
+
+-I: no PYTHON* variable, user site or working directory acts before hpcrun's first line.
+-S: no site module, .pth files or site-packages scan.  A rank then touches the install
+tree 10 times (the script 8, the bundle 1, the package directory 1) instead of ~160.
+A bundle older than the package directory (pip installed again) or of another Python
+is not used: the modules load from their files, as they always can.
+"""
+import sys
+
+# The modules a rank imports (a joining one, an MPI rank, a Slurm task, a SIF); the
+# rest (the keeper's stage/rootfs/linux, the subcommands, imagebuild) load from files.
+RANK_MODULES = ("hpcrun", "hpcrun.entry", "hpcrun.cli", "hpcrun.errors", "hpcrun.launch", "hpcrun.config",
+                "hpcrun.environment", "hpcrun.image", "hpcrun.imagefile", "hpcrun.sif", "hpcrun.plan",
+                "hpcrun.join", "hpcrun.fdio", "hpcrun.node", "hpcrun.rankcalls", "hpcrun.mpi",
+                "hpcrun.cmd_task_entry")
+
+# The installed script after its #! line; %(site)r is filled in.  Kept short: it is compiled
+# at every start (each line costs), the rest runs compiled from the bundle.
+BOOT = """\
+# Written by `hpcrun install-entry` (docs/install.md): hpcrun/entry.py, compiled, from the bundle.
+import marshal, os, sys
+SITE = %(site)r
+sys.path.append(SITE)
+try:
+    fd = os.open(SITE + "/hpcrun/__pycache__/hpcrun.%%s.bundle" %% sys.implementation.cache_tag, os.O_RDONLY)
+    bundle = os.read(fd, 1 << 24)
+    os.close(fd)
+    entry = {"__name__": "hpcrun.entry"}
+    exec(marshal.loads(bundle)[0], entry)
+    entry["use"](SITE, bundle)
+except Exception:
+    pass                                    # no bundle for this Python: the files, as usual
+from hpcrun.cli import main
+sys.exit(main())
+"""
+
+
+class Bundle:
+    """The meta-path finder and loader of the bundled modules."""
+
+    def __init__(self, data, index, base):
+        self.data, self.index, self.base = data, index, base
+
+    def find_spec(self, name, path=None, target=None):
+        found = self.index.get(name)
+        if found is None:
+            return None
+        import _frozen_importlib
+        spec = _frozen_importlib.ModuleSpec(name, self, origin=found[0], is_package=found[1])
+        spec.has_location = True                                   # __file__, as from the file
+        if found[1]:
+            spec.submodule_search_locations = [found[0].rpartition("/")[0]]    # the rest: files
+        return spec
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        import marshal
+        _, _, offset, size = self.index[module.__name__]
+        exec(marshal.loads(self.data[self.base + offset:self.base + offset + size]), module.__dict__)
+
+
+def use(site, bundle):
+    """Serve the bundle's modules (first on sys.meta_path) if it was made since the package last changed."""
+    import marshal
+    import os
+    _, stamp, index, blobs = marshal.loads(bundle)
+    if stamp == os.stat(site + "/hpcrun").st_mtime_ns and len(bundle) >= blobs:
+        sys.meta_path.insert(0, Bundle(bundle, index, len(bundle) - blobs))
+
+
+def make(pkg):
+    """The bundle's bytes for the package directory pkg (cmd_install_entry writes them)."""
+    import marshal
+    import os
+    stamp = os.stat(pkg).st_mtime_ns
+    site = os.path.dirname(pkg)
+    index, blobs = {}, []
+    offset = 0
+    for name in RANK_MODULES:
+        rel = name.replace(".", "/")
+        is_pkg = os.path.isdir(os.path.join(site, rel))
+        origin = os.path.join(site, rel, "__init__.py") if is_pkg else os.path.join(site, rel + ".py")
+        with open(origin, "rb") as f:
+            blob = marshal.dumps(compile(f.read(), origin, "exec", dont_inherit=True))
+        index[name] = (origin, is_pkg, offset, len(blob))
+        blobs.append(blob)
+        offset += len(blob)
+    with open(os.path.join(pkg, "entry.py"), "rb") as f:
+        me = compile(f.read(), os.path.join(pkg, "entry.py"), "exec", dont_inherit=True)
+    return marshal.dumps((me, stamp, index, offset)) + b"".join(blobs)

@@ -1,0 +1,149 @@
+"""hpcrun's own entry (hpcrun/entry.py, `hpcrun install-entry`, docs/install.md).
+
+The suite's hpcrun is the venv's bin/hpcrun after `make venv` ran install-entry:
+Python isolated and without site, the rank's modules from one bundle.  Here: that
+it is so, that a joining rank touches the install tree at most 10 times and loads
+no module file, and, on a copy of the install, that a bundle older than the package
+(or missing) is never used and the modules come from their files.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from checks import assert_one_error
+from hpcrun import errors
+
+import hpcrun
+
+SITE = os.path.dirname(os.path.dirname(os.path.abspath(hpcrun.__file__)))
+TRACED = "open,openat,openat2,stat,lstat,fstat,newfstatat,statx,readlink,readlinkat,access,faccessat," \
+         "faccessat2,getdents64,execve"
+
+
+def _entry_head(path):
+    with open(path) as f:
+        text = f.read()
+    return text.splitlines()[0], re.search(r"^SITE = '(.*)'$", text, re.M)
+
+
+def test_installed_entry_is_isolated(hpcrun_bin):
+    first, site = _entry_head(hpcrun_bin)
+    python = first[2:].split()[0]
+    assert first == "#!%s -IS" % python, first
+    assert os.access(python, os.X_OK) and not python.startswith(sys.prefix + "/"), python   # not the venv's
+    assert site and site.group(1) == SITE
+    bundle = os.path.join(SITE, "hpcrun", "__pycache__", "hpcrun.%s.bundle" % sys.implementation.cache_tag)
+    assert os.path.isfile(bundle)
+
+
+def _calls_before_exec(trace):
+    """The traced lines before the last successful execve (the program's)."""
+    lines = trace.splitlines()
+    execs = [i for i, ln in enumerate(lines) if ln.startswith("execve(") and ln.rstrip().endswith("= 0")]
+    return lines[:execs[-1]] if execs else lines
+
+
+def test_joining_rank_touches_the_install_tree_10_times(as_user, test_user, hpcrun_bin, busybox_image):
+    out_dir = tempfile.mkdtemp(prefix="entry-strace-")
+    os.chown(out_dir, test_user.pw_uid, test_user.pw_gid)
+    out = os.path.join(out_dir, "trace")
+    env = {"HPCRUN_LINGER": "20"}          # the first run's container is still there for the second
+    try:
+        r = as_user([hpcrun_bin, busybox_image, "true"], env=env, cwd="/")
+        assert r.returncode == 0, r.stderr
+        r = as_user(["strace", "-qq", "-y", "-e", "trace=" + TRACED, "-o", out, hpcrun_bin, busybox_image,
+                     "true"], env=env, cwd="/")
+        assert r.returncode == 0, r.stderr
+        with open(out) as f:
+            calls = _calls_before_exec(f.read())
+    finally:
+        shutil.rmtree(out_dir)
+    install = os.path.commonpath([os.path.dirname(hpcrun_bin), SITE])
+    on_install = [ln for ln in calls if (install + "/" in ln or '"%s"' % install in ln)
+                  and not ln.startswith("execve(")]
+    assert len(on_install) <= 10, "\n".join(on_install)
+    pkg = os.path.join(SITE, "hpcrun") + "/"
+    assert not [ln for ln in on_install if pkg in ln and (".py\"" in ln or ".pyc" in ln)], on_install
+    # the interpreter starts without site: no .pth, no site-packages listing
+    assert not [ln for ln in calls if ".pth" in ln or "getdents64(" in ln and SITE + ">" in ln], calls
+
+
+@pytest.fixture
+def copied_install(tmp_path):
+    """A copy of the installed package (no __pycache__) with its own bin/: (site, bin, run)."""
+    site, bin_dir = tmp_path / "site", tmp_path / "bin"
+    shutil.copytree(os.path.join(SITE, "hpcrun"), site / "hpcrun",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    bin_dir.mkdir()
+    python = os.path.realpath(sys.executable)
+
+    def run(*argv, traced=False):
+        cmd = [python, "-IS"] + (["-v"] if traced else []) + [str(bin_dir / "hpcrun")] + list(argv)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd="/")
+
+    def install():
+        code = "import sys; sys.path.insert(0, sys.argv[1]); from hpcrun.cli import main; sys.exit(main(sys.argv[2:]))"
+        return subprocess.run([python, "-I", "-S", "-c", code, str(site), "install-entry", "--bin", str(bin_dir)],
+                              capture_output=True, text=True, timeout=60, cwd="/")
+    return site, bin_dir, run, install
+
+
+def _from_files(stderr, site):
+    """Modules of the package Python loaded from files (python -v)."""
+    return re.findall(r"code object from '?(%s/hpcrun/[^' ]+)" % re.escape(str(site)), stderr)
+
+
+def test_bundle_is_used_and_never_when_stale(copied_install):
+    site, bin_dir, run, install = copied_install
+    r = install()
+    assert r.returncode == 0, r.stderr
+    assert _entry_head(bin_dir / "hpcrun")[1].group(1) == str(site)
+    r = run("version", traced=True)
+    assert (r.returncode, r.stdout) == (0, "hpcrun %s\n" % hpcrun.VERSION), r.stderr
+    assert _from_files(r.stderr, site) == []
+
+    # a new version lands (as pip does: new files, so the directory changes): the old bundle is not run
+    init = site / "hpcrun" / "__init__.py"
+    new = site / "hpcrun" / "__init__.py.new"
+    new.write_text(init.read_text().replace('VERSION = "%s"' % hpcrun.VERSION, 'VERSION = "9.9.9"'))
+    os.rename(new, init)
+    r = run("version", traced=True)
+    assert (r.returncode, r.stdout) == (0, "hpcrun 9.9.9\n"), r.stderr
+    assert _from_files(r.stderr, site), r.stderr
+
+    # install-entry again: bundled again, the new code
+    assert install().returncode == 0
+    r = run("version", traced=True)
+    assert (r.returncode, r.stdout, _from_files(r.stderr, site)) == (0, "hpcrun 9.9.9\n", [])
+
+    # no bundle at all (removed, or another Python): the files
+    for p in (site / "hpcrun" / "__pycache__").glob("hpcrun.*.bundle"):
+        p.unlink()
+    r = run("version", traced=True)
+    assert (r.returncode, r.stdout) == (0, "hpcrun 9.9.9\n"), r.stderr
+    assert _from_files(r.stderr, site)
+
+
+def test_install_entry_errors(copied_install, as_user, hpcrun_bin, tmp_path):
+    site, bin_dir, run, install = copied_install
+    python = os.path.realpath(sys.executable)
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from hpcrun.cli import main; sys.exit(main(sys.argv[2:]))"
+
+    def entry(*argv):
+        return subprocess.run([python, "-I", "-S", "-c", code, str(site), "install-entry"] + list(argv),
+                              capture_output=True, text=True, timeout=60, cwd="/")
+    assert_one_error(entry("--bin", str(tmp_path / "no-such-dir")), errors.NOINPUT, "no-such-dir")
+    assert_one_error(entry("--frob"), errors.USAGE, "--frob")
+    if os.getuid() != 0:
+        return
+    # a user who does not own the install: refused, nothing written
+    venv_bin = os.path.dirname(hpcrun_bin)
+    before = [sorted(os.listdir(d)) for d in (os.path.join(SITE, "hpcrun", "__pycache__"), venv_bin)]
+    r = as_user([hpcrun_bin, "install-entry"])
+    assert_one_error(r, errors.CANTCREATE, "cannot install the entry")
+    assert [sorted(os.listdir(d)) for d in (os.path.join(SITE, "hpcrun", "__pycache__"), venv_bin)] == before
