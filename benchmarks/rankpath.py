@@ -40,26 +40,36 @@ _FD_PATH = re.compile(r'^\d+<([^>]*)>')
 
 
 def _interpreter(hp):
-    """The Python that runs the console script (its shebang)."""
+    """The Python that runs the hpcrun script (its #! line)."""
     with open(hp, "rb") as f:
         first = f.readline().decode(errors="replace")
     return first[2:].strip().split()[0] if first.startswith("#!") else sys.executable
 
 
+def _site_of(hp):
+    """The SITE an installed entry (`hpcrun install-entry`, hpcrun/entry.py) names, else None."""
+    with open(hp, "rb") as f:
+        head = f.read(4096).decode(errors="replace")
+    m = re.search(r"^SITE = (['\"])(.*?)\1$", head, re.M)
+    return m.group(2) if m else None
+
+
 def trees(hp):
-    """{"install": prefix, "package": hpcrun's package dir, "stdlib": [dirs]} of the hpcrun measured."""
+    """{"install": tree, "package": hpcrun's package dir, "stdlib": [dirs]} of the hpcrun measured.
+    The install tree holds both the script and the package (a venv, a --prefix, /usr/local)."""
     py = _interpreter(hp)
-    code = ("import json, sys, sysconfig, os; sys.path.insert(0, '');"
-            "import importlib.util as u; s = u.find_spec('hpcrun');"
-            "print(json.dumps({'prefix': sys.prefix, 'package': os.path.dirname(s.origin),"
+    code = ("import json, sys, sysconfig, os\n"
+            "site = sys.argv[1]\n"
+            "if site: sys.path.append(site)\n"
+            "import importlib.util as u; s = u.find_spec('hpcrun')\n"
+            "print(json.dumps({'package': os.path.dirname(s.origin),"
             " 'stdlib': sorted({sysconfig.get_path('stdlib'), sysconfig.get_path('platstdlib')})}))")
-    out = json.loads(subprocess.run([py, "-I", "-c", code], capture_output=True, text=True, check=True,
-                                    cwd="/").stdout)
-    install = os.path.realpath(out["prefix"])
-    if not os.path.realpath(hp).startswith(install + "/"):     # a script outside the prefix: that dir too
-        install = os.path.dirname(os.path.realpath(hp))
-    return {"install": install, "package": os.path.realpath(out["package"]),
-            "stdlib": [os.path.realpath(p) for p in out["stdlib"]]}
+    site = _site_of(hp)
+    out = json.loads(subprocess.run([py, "-I"] + (["-S"] if site else []) + ["-c", code, site or ""],
+                                    capture_output=True, text=True, check=True, cwd="/").stdout)
+    package = os.path.realpath(out["package"])
+    install = os.path.commonpath([os.path.dirname(os.path.realpath(hp)), os.path.dirname(package)])
+    return {"install": install, "package": package, "stdlib": [os.path.realpath(p) for p in out["stdlib"]]}
 
 
 def _path_of(call, args):
