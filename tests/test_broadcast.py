@@ -349,3 +349,51 @@ def test_root_kernel_mount_uses_the_copy(images, hpcrun_bin, shared_dir):
         assert subprocess.run(["losetup", "-j", copy], capture_output=True, text=True).stdout == ""
     finally:
         shutil.rmtree(base)
+
+
+SLURM_OK = (shutil.which("slurmctld") and shutil.which("munged") and shutil.which("strace") and os.getuid() == 0)
+
+
+@pytest.mark.skipif(not SLURM_OK, reason="needs root, slurmctld, munge and strace")
+def test_srun_on_four_nodes_reads_once_and_every_node_mounts_its_copy(shared_dir, test_user, images, hpcrun_bin):
+    """The Slurm test bed's four nodes, each with its own tmpfs /tmp: in one
+    allocation `srun --mpi=pmix hpcrun broadcast` (strace on every task: one
+    process reads the file), every node's launch mounts its own job copy, and
+    --clean on every node removes it."""
+    from testbed.cluster import Cluster
+    from conftest import user_cmd
+    work = tempfile.mkdtemp(prefix="bcast-slurm-", dir=shared_dir)
+    os.chown(work, test_user.pw_uid, test_user.pw_gid)
+    os.chmod(work, 0o755)
+    trace = "strace -ff -qq -y -e trace=read,pread64,readv,preadv,preadv2 -o %s/st.$SLURM_PROCID" % work
+    script = "; ".join([
+        "set -e",
+        "srun -N4 -n4 --mpi=pmix sh -c 'exec %s %s broadcast %s'" % (trace, hpcrun_bin, images.img),
+        "srun -N4 -n4 sh -c '%s -v %s wc -c /etc/bcast-token 2>&1'" % (hpcrun_bin, images.img),
+        "srun -N4 -n4 %s broadcast --clean" % hpcrun_bin,
+        "srun -N4 -n4 sh -c 'echo left on $SLURMD_NODENAME: $(ls /tmp/hpcrun-%d/bcast)'" % test_user.pw_uid])
+    with Cluster(nodes=4, cpus=2, shared=[shared_dir]) as c:
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": test_user.pw_dir, "LANG": "C.UTF-8",
+               "SLURM_CONF": c.conf, "HPCRUN_LINGER": "0"}
+        r = subprocess.run(user_cmd(test_user, ["env"] + ["%s=%s" % kv for kv in env.items()]
+                                    + ["salloc", "-N4", "-n4", "sh", "-c", script]),
+                           cwd=work, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        job = re.search(r"job-(\d+)/", r.stdout).group(1)
+    assert "on 4 node(s): 4 copied, 0 had it; %d bytes read" % images.size in r.stdout, r.stdout
+    copy = "/tmp/hpcrun-%d/bcast/job-%s/%s (fuse)" % (test_user.pw_uid, job, images.name)
+    assert r.stdout.count("node-local broadcast copy " + copy) == 4, r.stdout
+    assert r.stdout.count("%d /etc/bcast-token" % (2 << 20)) == 4, r.stdout
+    assert sorted(x for x in r.stdout.splitlines() if x.startswith("left on")) == \
+        ["left on n%d:" % i for i in range(1, 5)], r.stdout
+    readers = {}
+    pattern = re.compile(r"\w+\(\d+<%s>.*\)\s+=\s+(\d+)" % re.escape(images.img))
+    for name in os.listdir(work):
+        if name.startswith("st."):
+            with open(os.path.join(work, name), errors="replace") as f:
+                got = sum(int(m.group(1)) for m in map(pattern.match, f) if m)
+            if got:
+                readers[name] = got
+    assert len(readers) == 1 and images.size <= sum(readers.values()) < images.size + 65536, readers
+    assert not os.path.exists("/tmp/hpcrun-%d/bcast/job-%s" % (test_user.pw_uid, job))   # not on the host
+    shutil.rmtree(work)
