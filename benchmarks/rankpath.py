@@ -14,6 +14,13 @@ there (warmed first): what every rank but the first on a node does.  Two figures
   children's rusage, beside `python -I -S -c pass` (the interpreter's floor) and
   native /bin/true.  Median over rounds.
 With --user (when root) both run as that user: the unprivileged path.
+Two more, where they can run (images with MPI; plugins/slurm built):
+- `mpirun --oversubscribe -np N hello` (MPI_Init + barrier), N = 16 and 32, native and
+  hpcrun alternating: wall time and the ratio hpcrun/native (ranks share the cores, so
+  every rank's CPU is wall time here);
+- the Slurm task path: `srun -n N /bin/true` with and without `--container-image` (SPANK
+  plugin -> hpcrun task entry) on the test bed's one-node Slurm (tests/testbed/cluster.py):
+  the difference per task.
 """
 import argparse
 import json
@@ -32,6 +39,9 @@ import images
 WARMUP = 3
 GOAL_INSTALL_CALLS = 10     # issue 15: <= 10 metadata calls on hpcrun's install tree per joining rank
 GOAL_CPU_MS = 9.0           # issue 15: <= 9 ms CPU per joining rank on the Python path
+GOAL_MPIRUN_RATIO = 1.10    # issue 15: mpirun -np N hello, hpcrun/native, N >= 16 on 2 cores
+MPI_RANKS = (16, 32)
+SLURM_TASKS = 8
 TRACED = ("open", "openat", "openat2", "stat", "lstat", "fstat", "newfstatat", "statx", "readlink",
           "readlinkat", "access", "faccessat", "faccessat2", "getdents64", "getcwd", "chdir", "fchdir")
 _LINE = re.compile(r'^(?:\d+\s+)?(\w+)\((.*)$')
@@ -182,7 +192,79 @@ def _measure(hp, light, runs, rounds, env, budget):
     return res
 
 
-def run(built, runs=20, rounds=5, budget=None, user=None, log=print):
+def _timed_rounds(cases, rounds, env, timeout, budget, log, ok):
+    """{label: summary of wall seconds} over rounds, cases rotating; a case that fails stops."""
+    times = {label: [] for label, _ in cases}
+    errors = {}
+    for r in range(rounds):
+        if budget.exhausted():
+            break
+        k = r % len(cases)
+        for label, argv in cases[k:] + cases[:k]:
+            if label in errors:
+                continue
+            log("%s round %d" % (label, r + 1))
+            try:
+                dt, p = common.run_timed(argv, env=env, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                errors[label] = "timeout after %d s" % timeout
+                continue
+            if p.returncode != 0 or not ok(p):
+                errors[label] = "exit %d: %s" % (p.returncode, common.tail(p.stderr, 3))
+                continue
+            times[label].append(dt)
+    out = {label: common.summary(v) for label, v in times.items()}
+    for label, e in errors.items():
+        out[label]["error"] = e
+    return out
+
+
+def mpirun_hello(built, ranks, rounds, env, budget, log):
+    """{N: {"native": summary, "hpcrun": summary, "ratio": hpcrun/native}} of `mpirun -np N hello`."""
+    vs = common.variants(("native", "hpcrun"), built["mpi"]["img"], built["bin"])
+    if len(vs) < 2:
+        return {"error": "hpcrun or native left out"}
+    out = {}
+    for n in ranks:
+        for v in vs:                                  # warm: the hpcrun variant's container is made
+            common.run_timed(common.mpirun_argv(n) + v.argv("hello"), env=env, timeout=120)
+        cell = _timed_rounds([(v.name, common.mpirun_argv(n) + v.argv("hello")) for v in vs], rounds, env,
+                             60 + 2 * n, budget, lambda m: log("mpirun -np %d %s" % (n, m)),
+                             lambda p: ("hello from %d ranks" % n) in p.stdout)
+        cell["ratio"] = common.ratio(cell["hpcrun"].get("median"), cell["native"].get("median"))
+        out[str(n)] = cell
+    return out
+
+
+def slurm_task_path(hp, img, ntasks, rounds, env, user, budget, log):
+    """srun -N1 -n ntasks /bin/true, natively and in img through the SPANK plugin, on a one-node
+    test-bed Slurm: {"native", "hpcrun": summary, "per_task_ms": the difference per task}."""
+    plugin = os.path.join(common.REPO, "plugins", "slurm", "spank_hpcrun.so")
+    if not os.path.exists(plugin):
+        return {"error": "plugins/slurm/spank_hpcrun.so is not built (make plugins)"}
+    if not shutil.which("slurmd") or os.getuid() != 0:
+        return {"error": "needs root and Slurm's daemons (the test bed)"}
+    sys.path.insert(0, os.path.join(common.REPO, "tests"))
+    from testbed.cluster import Cluster
+    as_user = ["setpriv", "--reuid=%d" % user.pw_uid, "--regid=%d" % user.pw_gid, "--init-groups",
+               "--"] if user and user.pw_uid != 0 else []
+    srun = ["srun", "-N1", "-n", str(ntasks)]
+    with Cluster(nodes=1, cpus=ntasks, plugin=plugin, plugin_args=["hpcrun=" + hp]) as c:
+        e = c.env(env)
+        cases = [("native", as_user + srun + ["/bin/true"]),
+                 ("hpcrun", as_user + srun + ["--container-image=" + img, "/bin/true"])]
+        for _, argv in cases:
+            common.run_timed(argv, env=e, timeout=120)
+        out = _timed_rounds(cases, rounds, e, 120, budget, lambda m: log("srun -n %d %s" % (ntasks, m)),
+                            lambda p: True)
+    h, n = out["hpcrun"].get("median"), out["native"].get("median")
+    out["ntasks"] = ntasks
+    out["per_task_ms"] = (h - n) * 1e3 / ntasks if h is not None and n is not None else None
+    return out
+
+
+def run(built, runs=20, rounds=5, budget=None, user=None, log=print, mpi_ranks=(), mpi_rounds=3,
+        slurm_tasks=0):
     """The rank-path benchmark; returns plain data (see docs/benchmarks.md)."""
     budget = budget or common.Budget(None)
     hp = "hpcrun" not in common.DISABLED and common.find_hpcrun()
@@ -194,13 +276,26 @@ def run(built, runs=20, rounds=5, budget=None, user=None, log=print):
     log("rankpath: strace + %d rounds x %d runs%s" % (rounds, runs, " as %s" % user.pw_name if user else ""))
     import entry
     fn = lambda: _measure(hp, built["light"], runs, rounds, env, budget)  # noqa: E731
-    res = entry._as_user(user, fn) if user and user.pw_uid != os.getuid() else fn()
+    as_user = (lambda f: entry._as_user(user, f)) if user and user.pw_uid != os.getuid() else (lambda f: f())
+    res = as_user(fn)
     res["user"] = user.pw_name if user else pwd.getpwuid(os.getuid()).pw_name
+    if mpi_ranks and "mpi" in built:
+        res["mpirun"] = as_user(lambda: mpirun_hello(built, mpi_ranks, mpi_rounds, env, budget, log))
+    if slurm_tasks:
+        try:
+            res["slurm"] = slurm_task_path(hp, built["light"]["img"], slurm_tasks, mpi_rounds, env, user,
+                                           budget, log)
+        except Exception as e:                      # the test bed did not come up: say so, keep the rest
+            res["slurm"] = {"error": "%s: %s" % (type(e).__name__, e)}
     res["rounds"] = rounds
     cpu = res.get("cpu_ms", {}).get("hpcrun IMG.img (joining)", {}).get("median")
     calls = res.get("strace", {}).get("counts", {}).get("install")
     res["goals"] = [{"name": "metadata calls on hpcrun's install tree", "value": calls, "goal": GOAL_INSTALL_CALLS},
                     {"name": "CPU ms per joining rank", "value": cpu, "goal": GOAL_CPU_MS}]
+    for n, cell in sorted(res.get("mpirun", {}).items()):
+        if isinstance(cell, dict) and cell.get("ratio") is not None:
+            res["goals"].append({"name": "mpirun -np %s hello, hpcrun/native" % n, "value": cell["ratio"],
+                                 "goal": GOAL_MPIRUN_RATIO})
     return res
 
 
@@ -226,6 +321,30 @@ def format_text(res):
     for label, v in res["cpu_ms"].items():
         if v.get("n"):
             lines.append("  %-26s %6.2f (%.2f-%.2f)" % (label, v["median"], v["q1"], v["q3"]))
+    mp = res.get("mpirun")
+    if mp:
+        if "error" in mp:
+            lines.append("mpirun hello: FAILED: %s" % mp["error"])
+        for n, cell in sorted(mp.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0):
+            if not isinstance(cell, dict):
+                continue
+            parts = []
+            for v in ("native", "hpcrun"):
+                c = cell.get(v, {})
+                parts.append("%s %s" % (v, "%.3f s (%.3f-%.3f)" % (c["median"], c["q1"], c["q3"]) if c.get("n")
+                                        else c.get("error", "no runs")))
+            lines.append("mpirun -np %s hello: %s; hpcrun/native %s" % (
+                n, ", ".join(parts), "%.3f" % cell["ratio"] if cell.get("ratio") else "-"))
+    sl = res.get("slurm")
+    if sl:
+        if "error" in sl:
+            lines.append("Slurm task path: not measured: %s" % sl["error"])
+        else:
+            parts = ["%s %s" % (v, "%.3f s" % sl[v]["median"] if sl[v].get("n") else sl[v].get("error", "-"))
+                     for v in ("native", "hpcrun")]
+            lines.append("Slurm task path, srun -N1 -n %d /bin/true: %s; per task %s" % (
+                sl["ntasks"], ", ".join(parts),
+                "%.1f ms more with hpcrun" % sl["per_task_ms"] if sl["per_task_ms"] is not None else "-"))
     for g in res["goals"]:
         if g["value"] is not None:
             lines.append("goal %-40s %7.2f (goal <= %g: %s)" % (
@@ -241,10 +360,17 @@ def main():
     ap.add_argument("--user", help="measure as this user (when root): the unprivileged path")
     ap.add_argument("--paths", action="store_true", help="also list the install-tree paths touched")
     ap.add_argument("--json", help="also write the result here")
+    ap.add_argument("--mpi-ranks", default=",".join(map(str, MPI_RANKS)),
+                    help="N for `mpirun -np N hello` (default %(default)s; empty: skip)")
+    ap.add_argument("--mpi-rounds", type=int, default=3, help="rounds of mpirun and srun (default 3)")
+    ap.add_argument("--slurm-tasks", type=int, default=SLURM_TASKS,
+                    help="tasks per srun on the test-bed Slurm (default %(default)s; 0: skip)")
     a = ap.parse_args()
-    built = images.build(a.build, mpi=False, log=lambda m: print(m, file=sys.stderr))
+    mpi_ranks = [int(n) for n in a.mpi_ranks.split(",") if n]
+    built = images.build(a.build, mpi=bool(mpi_ranks), log=lambda m: print(m, file=sys.stderr))
     res = run(built, a.runs, a.rounds, user=pwd.getpwnam(a.user) if a.user else None,
-              log=lambda m: print(m, file=sys.stderr))
+              log=lambda m: print(m, file=sys.stderr), mpi_ranks=mpi_ranks, mpi_rounds=a.mpi_rounds,
+              slurm_tasks=a.slurm_tasks)
     print(format_text(res))
     if a.paths and "install_paths" in res.get("strace", {}):
         for path, n in res["strace"]["install_paths"]:

@@ -32,13 +32,14 @@ PARTS = ("entry", "rankpath", "pingpong", "launch", "scale", "broadcast")
 MODES = {  # sized for a 2-core machine
     "full": dict(budget=1500, entry_runs=200, rp_runs=20, rp_rounds=10, pp_rounds=3, pp_args=pingpong_run.FULL_ARGS, langs=("c", "python"),
                  ranks=(2, 4, 8, 16, 32, 64), launch_rounds=3, scale=(64, 128, 256, 512), pp_timeout=180,
-                 bcast_mb=256, bcast_nodes=(1, 2, 3, 4), bcast_rounds=3),
+                 bcast_mb=256, bcast_nodes=(1, 2, 3, 4), bcast_rounds=3,
+                 rp_mpi=(16, 32), rp_slurm=8),
     "quick": dict(budget=300, entry_runs=30, rp_runs=10, rp_rounds=3, pp_rounds=1, pp_args=pingpong_run.QUICK_ARGS, langs=("c", "python"),
                   ranks=(2, 4, 8), launch_rounds=1, scale=(64,), pp_timeout=60,
-                  bcast_mb=64, bcast_nodes=(1, 2, 4), bcast_rounds=1),
+                  bcast_mb=64, bcast_nodes=(1, 2, 4), bcast_rounds=1, rp_mpi=(16,), rp_slurm=0),
     "smoke": dict(budget=120, entry_runs=5, rp_runs=3, rp_rounds=1, pp_rounds=1, pp_args=pingpong_run.SMOKE_ARGS, langs=("c", "python"),
                   ranks=(2,), launch_rounds=1, scale=(8,), pp_timeout=30,
-                  bcast_mb=4, bcast_nodes=(1, 2), bcast_rounds=1),
+                  bcast_mb=4, bcast_nodes=(1, 2), bcast_rounds=1, rp_mpi=(), rp_slurm=0),
 }
 
 
@@ -65,7 +66,8 @@ def main(argv=None):
     def log(msg):
         print("[%6.1fs] %s" % (time.monotonic() - t0, msg), file=sys.stderr, flush=True)
 
-    built = images.build(a.build, mpi=bool({"pingpong", "launch"} & set(parts)), log=log)
+    rp_mpi = cfg["rp_mpi"] if "rankpath" in parts else ()
+    built = images.build(a.build, mpi=bool({"pingpong", "launch"} & set(parts) or rp_mpi), log=log)
     budget = common.Budget(a.budget or cfg["budget"])
     disabled = common.preflight(built["light"]["sqfs"])
     for name, why in disabled.items():
@@ -80,7 +82,8 @@ def main(argv=None):
                                  user=pwd.getpwnam(a.user) if a.user else None, log=log)
     if "rankpath" in parts:
         res["rankpath"] = rankpath.run(built, cfg["rp_runs"], cfg["rp_rounds"], budget,
-                                       user=pwd.getpwnam(a.user) if a.user else None, log=log)
+                                       user=pwd.getpwnam(a.user) if a.user else None, log=log,
+                                       mpi_ranks=rp_mpi, slurm_tasks=cfg["rp_slurm"])
         print(rankpath.format_text(res["rankpath"]), file=sys.stderr)
     if "pingpong" in parts:
         res["pingpong"] = pingpong_run.run(built, cfg["langs"], cfg["pp_rounds"], cfg["pp_args"], budget, log,
