@@ -367,6 +367,11 @@ class Broadcast:
 
     # ---- alone: this node only
     def run_alone(self):
+        tasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or "1"
+        if self.args.mpi == "auto" and tasks.isdigit() and int(tasks) > 1 and os.environ.get("SLURM_PROCID") == "0":
+            # srun without an MPI plugin: no tree, every task reads the image
+            sys.stderr.write("hpcrun broadcast: note: %s tasks without MPI (no PMI in the environment): each "
+                             "reads the image; srun --mpi=pmix reads it once per job\n" % tasks)
         where = target(self.args)
         src = Source(self.args.image)
         desc = src.describe()

@@ -221,6 +221,21 @@ def test_mpi_ranks_read_a_file_only_the_image_has(pbs, test_user, work, app):
     assert not os.path.exists(ONLY_IN_IMAGE)
 
 
+def test_broadcast_inside_a_job(pbs, test_user, work, app):
+    """docs/broadcast.md's PBS path: mpirun hpcrun broadcast in the job, into job-$PBS_JOBID/;
+    the job's launch mounts that copy; --clean removes it."""
+    image = app[1]
+    body = ('PATH="%s:$PATH"\nmpirun -np 2 hpcrun broadcast %s\n'
+            'HPCRUN_LINGER=0 hpcrun -v %s true 2>&1\nhpcrun broadcast --clean\n'
+            'echo "left: $(ls /tmp/hpcrun-$(id -u)/bcast)"\n' % (os.path.dirname(pbs.hpcrun_bin), image, image))
+    text = "#!/bin/sh\n#PBS -l select=1:ncpus=2:mpiprocs=2\n" + 'cd "$PBS_O_WORKDIR"\n' + body
+    attrs, output = run_job(pbs, test_user, work, text, timeout=300)
+    assert attrs["Exit_status"] == 0, (output, pbs.tracejob(attrs["id"]))
+    assert "on 1 node(s): 1 copied" in output, output
+    assert "broadcast copy /tmp/hpcrun-%d/bcast/job-%s/sha256_" % (test_user.pw_uid, attrs["id"]) in output, output
+    assert "left: \n" in output, output
+
+
 # Where users keep images, as they ask for them in a job script (a directive) and on qsub's
 # command line (argv), and where the test puts the image ("->x": a symlink to x).  PBS's own
 # rules: a value with spaces or quotes goes in double quotes inside the -l value; -l takes no
