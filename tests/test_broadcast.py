@@ -179,6 +179,14 @@ def test_mpi_reads_the_image_once_and_every_node_gets_its_copy(node, images, hpc
     r = node.run(MPIRUN + ["-np", "1", hpcrun_bin, "broadcast", "--to", dirs[0], images.img, ":",
                            "-np", "1", hpcrun_bin, "broadcast", "--to", dirs[1], images.img])
     assert r.returncode == 0 and "0 copied, 2 had it; 0 bytes read" in r.stdout, r.stdout + r.stderr
+    # one node lacks it (not the reader's): only that one receives
+    os.unlink(os.path.join(dirs[2], images.name))
+    argv = MPIRUN[:]
+    for d in dirs:
+        argv += ["-np", "1", hpcrun_bin, "broadcast", "--to", d, images.img, ":"]
+    r = node.run(argv[:-1])
+    assert r.returncode == 0 and "on 3 node(s): 1 copied, 2 had it" in r.stdout, r.stdout + r.stderr
+    assert sha256_of(os.path.join(dirs[2], images.name)) == images.sha
 
 
 def _one_error_line(r, code, *fragments):
@@ -234,6 +242,10 @@ def test_clear_errors_alone(node, images, hpcrun_bin, busybox_root, test_user):
     assert entries(os.path.join(node.base, "d")) == []
     r = node.run([hpcrun_bin, "broadcast", "--job", "../x", images.img])
     assert_one_error(r, 64, "--job")
+    # srun's tasks without an MPI plugin: each copies alone, and the first says what that costs
+    r = node.run([hpcrun_bin, "broadcast", "--to", os.path.join(node.base, "s"), images.img],
+                 env={"SLURM_NTASKS": "4", "SLURM_PROCID": "0"})
+    assert r.returncode == 0 and "4 tasks without MPI" in r.stderr and "srun --mpi=pmix" in r.stderr, r.stderr
     # under an MPI launcher without mpi4py: one line, 69, before anything is made
     code = ("import sys; sys.modules['mpi4py'] = None; from hpcrun import cli; "
             "sys.exit(cli.main(['broadcast', '--mpi', 'yes', '--to', %r, %r]))"
