@@ -4,9 +4,9 @@ Run once after `pip install`, by whoever owns the install.  It writes
 
   <site-packages>/hpcrun/__pycache__/hpcrun.<tag>.bundle   the modules a rank
         imports (entry.RANK_MODULES), compiled by this Python, in one file
-  DIR/hpcrun    `#!<python> -IS` and entry.BOOT, in place of pip's console
-        script (DIR: where the hpcrun that runs this lives; <python>: the real
-        interpreter behind this venv's)
+  DIR/hpcrun, DIR/run-singularity    `#!<python> -IS` and entry.BOOT, in place
+        of pip's console scripts (DIR: where the hpcrun that runs this lives;
+        <python>: the real interpreter behind this venv's)
 
 each atomically (temp file + rename).  `pip install` again puts pip's script
 back and leaves the bundle stale (the package directory changed), never used.
@@ -52,9 +52,13 @@ def write_bundle(pkg):
     return path, len(entry.RANK_MODULES)
 
 
-def entry_script(python, site):
+# the scripts pip's console_scripts make (setup.cfg), and the function in cli.py each runs
+SCRIPTS = (("hpcrun", "main"), ("run-singularity", "run_singularity"))
+
+
+def entry_script(python, site, function="main"):
     from hpcrun import entry
-    return "#!%s -IS\n%s" % (python, entry.BOOT % {"site": site})
+    return "#!%s -IS\n%s" % (python, entry.BOOT % {"site": site, "function": function})
 
 
 def interpreter():
@@ -97,10 +101,11 @@ def main(argv):
     site = os.path.dirname(pkg)
     try:
         path, n = write_bundle(pkg)
-        target = os.path.join(bin_dir, "hpcrun")
-        _write_atomic(target, entry_script(python, site).encode(), 0o755)
+        for name, function in SCRIPTS:
+            _write_atomic(os.path.join(bin_dir, name), entry_script(python, site, function).encode(), 0o755)
     except OSError as e:
         raise errors.Error(errors.CANTCREATE, "cannot install the entry: %s" % e.strerror, e.filename or bin_dir)
     print("hpcrun: %s: %d modules in one file" % (path, n))
-    print("hpcrun: %s: #!%s -IS (python isolated, no site)" % (target, python))
+    print("hpcrun: %s: #!%s -IS (python isolated, no site)" % (
+        ", ".join(os.path.join(bin_dir, name) for name, _ in SCRIPTS), python))
     return 0

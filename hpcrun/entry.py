@@ -5,6 +5,7 @@ console script (pip drops options from a script's first line):
 
   <bin>/hpcrun   `#!<python> -IS` and a few lines (BOOT below): open the bundle, run this
                  module's code from it, then cli.main()
+  <bin>/run-singularity   the same, then cli.run_singularity() (a SIF's #! line)
   hpcrun/__pycache__/hpcrun.<cache tag>.bundle
                  one marshal'd tuple (this module's code, the package directory's mtime,
                  {module: (file, is package, offset, size)}) followed by the modules'
@@ -25,7 +26,7 @@ RANK_MODULES = ("hpcrun", "hpcrun.entry", "hpcrun.cli", "hpcrun.errors", "hpcrun
                 "hpcrun.join", "hpcrun.fdio", "hpcrun.node", "hpcrun.rankcalls", "hpcrun.mpi",
                 "hpcrun.cmd_task_entry")
 
-# The installed script after its #! line; %(site)r is filled in.  Kept short: it is compiled
+# The installed scripts after their #! line (site: SITE; function: what in cli.py runs).  Short: each is compiled
 # at every start (each line costs), the rest runs compiled from the bundle.
 BOOT = """\
 # Written by `hpcrun install-entry` (docs/install.md): hpcrun/entry.py, compiled, from the bundle.
@@ -35,14 +36,13 @@ sys.path.append(SITE)
 try:
     fd = os.open(SITE + "/hpcrun/__pycache__/hpcrun.%%s.bundle" %% sys.implementation.cache_tag, os.O_RDONLY)
     bundle = os.read(fd, 1 << 24)
-    os.close(fd)
     entry = {"__name__": "hpcrun.entry"}
     exec(marshal.loads(bundle)[0], entry)
-    entry["use"](SITE, bundle)
+    entry["use"](SITE, bundle, fd)
 except Exception:
     pass                                    # no bundle for this Python: the files, as usual
-from hpcrun.cli import main
-sys.exit(main())
+from hpcrun.cli import %(function)s
+sys.exit(%(function)s())
 """
 
 
@@ -72,12 +72,17 @@ class Bundle:
         exec(marshal.loads(self.data[self.base + offset:self.base + offset + size]), module.__dict__)
 
 
-def use(site, bundle):
-    """Serve the bundle's modules (first on sys.meta_path) if it was made since the package last changed."""
+def use(site, bundle, fd):
+    """Serve the bundle's modules (first on sys.meta_path) if it was read whole, in one read,
+    and made since the package directory last changed."""
     import marshal
     import os
+    try:
+        whole = not os.read(fd, 1)
+    finally:
+        os.close(fd)
     _, stamp, index, blobs = marshal.loads(bundle)
-    if stamp == os.stat(site + "/hpcrun").st_mtime_ns and len(bundle) >= blobs:
+    if whole and stamp == os.stat(site + "/hpcrun").st_mtime_ns and len(bundle) >= blobs:
         sys.meta_path.insert(0, Bundle(bundle, index, len(bundle) - blobs))
 
 

@@ -31,8 +31,9 @@ def _entry_head(path):
     return text.splitlines()[0], re.search(r"^SITE = '(.*)'$", text, re.M)
 
 
-def test_installed_entry_is_isolated(hpcrun_bin):
-    first, site = _entry_head(hpcrun_bin)
+@pytest.mark.parametrize("name", ["hpcrun", "run-singularity"])
+def test_installed_entry_is_isolated(hpcrun_bin, name):
+    first, site = _entry_head(os.path.join(os.path.dirname(hpcrun_bin), name))
     python = first[2:].split()[0]
     assert first == "#!%s -IS" % python, first
     assert os.access(python, os.X_OK) and not python.startswith(sys.prefix + "/"), python   # not the venv's
@@ -103,6 +104,10 @@ def test_bundle_is_used_and_never_when_stale(copied_install):
     r = install()
     assert r.returncode == 0, r.stderr
     assert _entry_head(bin_dir / "hpcrun")[1].group(1) == str(site)
+    assert sorted(os.listdir(bin_dir)) == ["hpcrun", "run-singularity"]
+    r = subprocess.run([str(bin_dir / "run-singularity")], capture_output=True, text=True, timeout=60, cwd="/",
+                       env={"PATH": "/usr/bin:/bin", "PYTHONINSPECT": "1"})
+    assert (r.returncode, r.stderr) == (errors.USAGE, "usage: run-singularity IMAGE [ARGS...]\n")
     r = run("version", traced=True)
     assert (r.returncode, r.stdout) == (0, "hpcrun %s\n" % hpcrun.VERSION), r.stderr
     assert _from_files(r.stderr, site) == []
