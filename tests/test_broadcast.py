@@ -409,3 +409,15 @@ def test_srun_on_four_nodes_reads_once_and_every_node_mounts_its_copy(shared_dir
     assert len(readers) == 1 and images.size <= sum(readers.values()) < images.size + 65536, readers
     assert not os.path.exists("/tmp/hpcrun-%d/bcast/job-%s" % (test_user.pw_uid, job))   # not on the host
     shutil.rmtree(work)
+
+
+def test_mpi_a_write_failing_midway_on_one_node_lands_nowhere(node, images, hpcrun_bin):
+    """Free space passes, then one writer's writes fail part of the way (a file size limit:
+    EFBIG after 1 MiB): it keeps receiving to the end, all agree, no copy and no .tmp anywhere."""
+    dirs = node.dirs(3)
+    r = node.run(MPIRUN + ["-np", "1", hpcrun_bin, "broadcast", "--chunk-mib", "1", "--to", dirs[0], images.img, ":",
+                           "-np", "1", "prlimit", "--fsize=1048576", hpcrun_bin, "broadcast", "--chunk-mib", "1",
+                           "--to", dirs[1], images.img, ":",
+                           "-np", "1", hpcrun_bin, "broadcast", "--chunk-mib", "1", "--to", dirs[2], images.img])
+    _one_error_line(r, 71, "cannot write the broadcast copy", dirs[1])
+    assert entries(*dirs) == []
