@@ -4,6 +4,7 @@
  * plugstack.conf:
  *   required /usr/lib/hpcrun/spank_hpcrun.so hpcrun=/usr/bin/hpcrun [mounts=/scratch,...]
  *            [batch=no|yes] [container=yes|no] [skip=orted,prted]
+ *            [bcast_tmp=/tmp] [bcast_clean=yes|no]
  *
  * User options (srun, sbatch, salloc; names follow Pyxis where they can):
  *   --container-image=IMG      run the step's tasks in IMG
@@ -13,6 +14,9 @@
  *   --container-batch          run the batch script itself inside the image too
  *   --container-pin=yes|no     no: run the image as it is at launch, not as it was
  *                              at submission (the cli_filter pins it; docs/slurm.md)
+ *   --container-bcast          before the step starts, copy the image once to every
+ *                              node's local storage with Slurm's own tree (sbcast);
+ *                              the tasks then mount the local copy (docs/slurm.md)
  *
  * Which image (first non-empty): --container-image, the task's HPCRUN_IMAGE
  * (the cli_filter exports it), Slurm's own --container (SLURM_CONTAINER) unless
@@ -29,12 +33,18 @@
  * execs the program in place inside the image: same PID, PMIx environment,
  * fds, signals and exit status.
  */
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <pwd.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <slurm/slurm.h>
@@ -48,6 +58,8 @@ static char *default_mounts = NULL;
 static int batch_default = 0;
 static int use_slurm_container = 1;
 static char *skip_list = NULL;   /* programs that stay on the host (MPI daemons) */
+static char *bcast_tmp = NULL;   /* node-local directory sbcast writes into */
+static int bcast_clean = 1;      /* job epilog: remove the job's broadcast copies */
 
 /* user options (set by the callbacks in every context the option reaches) */
 static char *opt_image = NULL;
@@ -56,8 +68,9 @@ static char *opt_workdir = NULL;
 static char *opt_env = NULL;
 static int opt_batch = 0;
 static int opt_unpinned = 0;
+static int opt_bcast = 0;
 
-enum { OPT_IMAGE, OPT_MOUNTS, OPT_WORKDIR, OPT_ENV, OPT_BATCH, OPT_PIN };
+enum { OPT_IMAGE, OPT_MOUNTS, OPT_WORKDIR, OPT_ENV, OPT_BATCH, OPT_PIN, OPT_BCAST };
 
 static int set_option(int val, const char *optarg, int remote);
 
@@ -73,6 +86,8 @@ static struct spank_option options[] = {
       set_option },
     { "container-pin", "yes|no", "no: run the image as it is at launch, not as submitted", 1, OPT_PIN,
       set_option },
+    { "container-bcast", NULL, "Copy the image to every node's local storage first (sbcast)", 0,
+      OPT_BCAST, set_option },
     SPANK_OPTIONS_TABLE_END
 };
 
@@ -86,6 +101,7 @@ static int set_option(int val, const char *optarg, int remote)
     case OPT_WORKDIR: slot = &opt_workdir; break;
     case OPT_ENV: slot = &opt_env; break;
     case OPT_BATCH: opt_batch = 1; return 0;
+    case OPT_BCAST: opt_bcast = 1; return 0;
     case OPT_PIN:
         if (optarg == NULL || (strcmp(optarg, "yes") != 0 && strcmp(optarg, "no") != 0)) {
             slurm_error("hpcrun: --container-pin must be yes or no");
@@ -124,6 +140,10 @@ static int parse_args(int ac, char **av)
             use_slurm_container = yes(a + 10);
         else if (strncmp(a, "skip=", 5) == 0)
             skip_list = strdup(a + 5);
+        else if (strncmp(a, "bcast_tmp=", 10) == 0 && a[10] == '/')
+            bcast_tmp = strdup(a + 10);
+        else if (strncmp(a, "bcast_clean=", 12) == 0)
+            bcast_clean = yes(a + 12);
         else {
             slurm_error("hpcrun: unknown plugstack.conf argument \"%s\"", a);
             return -1;
@@ -131,6 +151,8 @@ static int parse_args(int ac, char **av)
     }
     if (skip_list == NULL)
         skip_list = strdup("orted,prted,hydra_pmi_proxy");
+    if (bcast_tmp == NULL)
+        bcast_tmp = strdup("/tmp");
     return 0;
 }
 
@@ -219,6 +241,11 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
         return 0;
     /* Never inherit a handshake from an outer job: only we set it. */
     spank_unsetenv(sp, "HPCRUN_TASK_ARGV0");
+    /* The broadcast's own helper steps stay on the host. */
+    if (task_env(sp, "HPCRUN_TASK_BCAST_STEP", img_buf, sizeof img_buf) != NULL) {
+        spank_unsetenv(sp, "HPCRUN_TASK_BCAST_STEP");
+        return 0;
+    }
 
     if (spank_get_item(sp, S_JOB_STEPID, &stepid) != ESPANK_SUCCESS)
         return 0;
@@ -244,8 +271,8 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 
     if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1)
         return 0;
-    if (skipped(argv[0]))
-        return 0;
+    if (skipped(argv[0]) || strcmp(argv[0], hpcrun_path) == 0)
+        return 0;   /* MPI daemons, and hpcrun itself (e.g. the broadcast step), stay on the host */
 
     mounts[0] = '\0';
     if (default_mounts)
@@ -266,4 +293,308 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
     /* The task process execs argv[0] right after us, so this copy is never freed. */
     argv[0] = strdup(hpcrun_path);
     return argv[0] ? 0 : -1;
+}
+
+/* -- --container-bcast: the image to every node's local storage, once per step ----------------
+ *
+ * In srun (local context), after the allocation exists and before the step's
+ * tasks start: `sbcast` sends the image file, read once, down Slurm's own tree
+ * to <bcast_tmp>/.hpcrun-sbcast.<uid>.<job>.<step> on every node of the job;
+ * then a helper step (one task per node, --overlap) runs
+ * `hpcrun broadcast --mpi no --for IMAGE THAT_FILE`, which verifies the payload
+ * and lands it atomically in the node's broadcast directory
+ * (docs/broadcast.md), and removes the sbcast file.  The step's launches then
+ * mount the local copy.  The job epilog (slurm_spank_job_epilog, below)
+ * removes the job's copies on every node. */
+
+#define SBCAST_PREFIX ".hpcrun-sbcast"
+
+/* Run argv, with HPCRUN_TASK_BCAST_STEP=1 and without the variables that name an
+ * image (the helper steps must not run inside it, nor broadcast again); its
+ * stdout and stderr go to out (NUL-terminated, truncated).  Returns the exit
+ * status, 128+signal, or -1. */
+static int run_capture(char *const argv[], char *out, size_t outlen)
+{
+    int fds[2], st;
+    size_t used = 0;
+    ssize_t n;
+    pid_t pid;
+    char sink[4096];
+
+    if (pipe(fds) != 0)
+        return -1;
+    pid = fork();
+    if (pid < 0) {
+        close(fds[0]);
+        close(fds[1]);
+        return -1;
+    }
+    if (pid == 0) {
+        dup2(fds[1], 1);
+        dup2(fds[1], 2);
+        close(fds[0]);
+        close(fds[1]);
+        setenv("HPCRUN_TASK_BCAST_STEP", "1", 1);
+        unsetenv("HPCRUN_IMAGE");
+        unsetenv("SLURM_CONTAINER");
+        execvp(argv[0], argv);
+        fprintf(stderr, "cannot run %s: %s\n", argv[0], strerror(errno));
+        _exit(127);
+    }
+    close(fds[1]);
+    out[0] = '\0';
+    for (;;) {
+        char *buf = used + 1 < outlen ? out + used : sink;
+        size_t room = used + 1 < outlen ? outlen - used - 1 : sizeof sink;
+        n = read(fds[0], buf, room);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        if (buf == out + used) {
+            used += (size_t) n;
+            out[used] = '\0';
+        }
+    }
+    close(fds[0]);
+    while (waitpid(pid, &st, 0) < 0)
+        if (errno != EINTR)
+            return -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+/* The first line of text that starts with prefix (or the first line at all
+ * when prefix is NULL), copied into line. */
+static const char *first_line(const char *text, const char *prefix, char *line, size_t len)
+{
+    for (const char *p = text; p && *p;) {
+        const char *end = strchr(p, '\n');
+        size_t n = end ? (size_t) (end - p) : strlen(p);
+        if (n > 0 && (prefix == NULL || strncmp(p, prefix, strlen(prefix)) == 0)) {
+            snprintf(line, len, "%.*s", (int) n, p);
+            return line;
+        }
+        p = end ? end + 1 : NULL;
+    }
+    return NULL;
+}
+
+/* The value of name in the step's environment (local context), else srun's own. */
+static const char *step_env(spank_t sp, const char *name)
+{
+    char **env = NULL;
+    size_t n = strlen(name);
+    if (spank_get_item(sp, S_JOB_ENV, &env) == ESPANK_SUCCESS && env != NULL)
+        for (char **e = env; *e; e++)
+            if (strncmp(*e, name, n) == 0 && (*e)[n] == '=')
+                return *e + n + 1;
+    return getenv(name);
+}
+
+/* Run the helper step `srun ... ARGS` on one task per node of the job. */
+static int node_step(uint32_t jobid, uint32_t nnodes, char **args, char *out, size_t outlen)
+{
+    char job[32], n[32], *argv[32];
+    int i = 0;
+    snprintf(job, sizeof job, "--jobid=%u", jobid);
+    snprintf(n, sizeof n, "%u", nnodes);
+    argv[i++] = "srun"; argv[i++] = job; argv[i++] = "--overlap"; argv[i++] = "--mpi=none";
+    argv[i++] = "-J"; argv[i++] = "hpcrun-bcast"; argv[i++] = "-N"; argv[i++] = n; argv[i++] = "-n";
+    argv[i++] = n; argv[i++] = "--ntasks-per-node=1"; argv[i++] = "-Q";
+    while (*args && i < 31)
+        argv[i++] = *args++;
+    argv[i] = NULL;
+    return run_capture(argv, out, outlen);
+}
+
+/* Steps of a batch script run srun on the job's first node: a file there,
+ * removed by the job epilog, lists the images (path, size, mtime) this job has
+ * broadcast.  Not on a login node (SLURMD_NODENAME unset): no epilog there. */
+static int marker_path(char *buf, size_t len, uint32_t jobid)
+{
+    buf[0] = '\0';
+    if (getenv("SLURMD_NODENAME") == NULL)
+        return 0;
+    snprintf(buf, len, "%s/%s.%u.%u.done", bcast_tmp, SBCAST_PREFIX, (unsigned) getuid(), jobid);
+    return 1;
+}
+
+static int marker_line(char *buf, size_t len, const char *image)
+{
+    struct stat st;
+    buf[0] = '\0';
+    if (stat(image, &st) != 0)
+        return 0;
+    snprintf(buf, len, "%lld %lld.%09ld %s\n", (long long) st.st_size, (long long) st.st_mtim.tv_sec,
+             st.st_mtim.tv_nsec, image);
+    return 1;
+}
+
+static int marker_has(const char *marker, const char *want)
+{
+    char line[PATH_MAX + 64];
+    struct stat st;
+    int found = 0, fd = open(marker, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    FILE *f;
+    if (fd < 0)
+        return 0;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != getuid() || (f = fdopen(fd, "r")) == NULL) {
+        close(fd);
+        return 0;
+    }
+    while (!found && fgets(line, sizeof line, f))
+        found = strcmp(line, want) == 0;
+    fclose(f);
+    return found;
+}
+
+int slurm_spank_local_user_init(spank_t sp, int ac, char **av)
+{
+    static char out[16384], line[1024], dest[PATH_MAX + 64], abs_image[PATH_MAX], jobarg[32];
+    static char marker[PATH_MAX + 64], mline[PATH_MAX + 64];
+    const char *image = opt_image, *c;
+    uint32_t jobid = 0, stepid = 0, nnodes = 0;
+    int rc;
+    (void) ac; (void) av;
+
+    if (!opt_bcast || getenv("HPCRUN_TASK_BCAST_STEP") != NULL)
+        return 0;
+    if (image == NULL && (c = step_env(sp, "HPCRUN_IMAGE")) != NULL && *c)
+        image = c;
+    if (image == NULL && use_slurm_container && (c = step_env(sp, "SLURM_CONTAINER")) != NULL && *c)
+        image = c;
+    if (image == NULL) {
+        fprintf(stderr, "hpcrun: error: --container-bcast: no image (--container-image, --container or "
+                "HPCRUN_IMAGE)\n");
+        return -1;
+    }
+    if (realpath(image, abs_image) == NULL) {
+        fprintf(stderr, "hpcrun: error: --container-bcast: %s: %s\n", image, strerror(errno));
+        return -1;
+    }
+    if (spank_get_item(sp, S_JOB_ID, &jobid) != ESPANK_SUCCESS
+        || spank_get_item(sp, S_JOB_STEPID, &stepid) != ESPANK_SUCCESS) {
+        fprintf(stderr, "hpcrun: error: --container-bcast: cannot tell the job and step\n");
+        return -1;
+    }
+    c = getenv("SLURM_JOB_NUM_NODES");   /* inside an allocation: all of the job's nodes */
+    if (c == NULL || (nnodes = (uint32_t) strtoul(c, NULL, 10)) == 0)
+        spank_get_item(sp, S_JOB_NNODES, &nnodes);
+    snprintf(dest, sizeof dest, "%s/%s.%u.%u.%u", bcast_tmp, SBCAST_PREFIX, (unsigned) getuid(), jobid, stepid);
+    snprintf(jobarg, sizeof jobarg, "%u", jobid);
+
+    /* A batch script's later steps: the job's nodes have this image already. */
+    if (marker_path(marker, sizeof marker, jobid) && marker_line(mline, sizeof mline, abs_image)
+        && marker_has(marker, mline))
+        return 0;
+
+    {   /* 1. One read of the shared file, Slurm's tree to every node. */
+        char jobopt[48];
+        char *argv[] = { "sbcast", jobopt, abs_image, dest, NULL };
+        snprintf(jobopt, sizeof jobopt, "--jobid=%u", jobid);
+        rc = run_capture(argv, out, sizeof out);
+    }
+    if (rc != 0) {
+        /* sbcast's own message is often "Unspecified error": each node removes
+         * what landed and says why, if it can tell (no directory, no room). */
+        static char why[4096], reason[1024], kib[32];
+        struct stat st;
+        char *diag[] = { "sh", "-c", "rm -f \"$0\"; if [ ! -d \"$1\" ]; then echo \"$SLURMD_NODENAME: no "
+                         "directory $1\"; else a=$(df -Pk \"$1\" | awk 'NR==2 {print $4}'); [ \"${a:-0}\" -ge "
+                         "\"$2\" ] || echo \"$SLURMD_NODENAME: $a KiB free in $1, the image needs $2 KiB\"; fi",
+                         dest, bcast_tmp, kib, NULL };
+        if (!first_line(out, "sbcast: error:", line, sizeof line) && !first_line(out, NULL, line, sizeof line))
+            snprintf(line, sizeof line, "exit status %d", rc);
+        snprintf(kib, sizeof kib, "%lld", stat(abs_image, &st) == 0 ? (long long) (st.st_size + 1023) / 1024 : 0LL);
+        node_step(jobid, nnodes, diag, why, sizeof why);
+        if (first_line(why, NULL, reason, sizeof reason))
+            fprintf(stderr, "hpcrun: error: --container-bcast: sbcast of %s to node-local %s failed: %s (%s)\n",
+                    abs_image, bcast_tmp, reason, line);
+        else
+            fprintf(stderr, "hpcrun: error: --container-bcast: sbcast of %s to node-local %s failed: %s\n",
+                    abs_image, bcast_tmp, line);
+        return -1;
+    }
+    {   /* 2. Every node verifies and lands its copy; the sbcast file goes either way. */
+        char *argv[] = { "sh", "-c", "\"$0\" broadcast --mpi no --job \"$1\" --for \"$2\" \"$3\"; rc=$?; "
+                         "rm -f \"$3\"; exit $rc", hpcrun_path, jobarg, abs_image, dest, NULL };
+        rc = node_step(jobid, nnodes, argv, out, sizeof out);
+    }
+    if (rc != 0) {
+        if (first_line(out, "hpcrun: error:", line, sizeof line))
+            fprintf(stderr, "%s\n", line);
+        else
+            fprintf(stderr, "hpcrun: error: --container-bcast: the nodes' landing step failed (%d): %s\n", rc,
+                    first_line(out, NULL, line, sizeof line) ? line : "no output");
+        return -1;
+    }
+    if (marker[0] && mline[0]) {
+        int fd = open(marker, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+        if (fd >= 0) {
+            if (write(fd, mline, strlen(mline)) < 0) { /* only a later step's shortcut is lost */ }
+            close(fd);
+        }
+    }
+    return 0;
+}
+
+/* Job end, on every node, as root: remove the job's broadcast copies (and any
+ * sbcast file a killed step left) as the job's user. */
+int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
+{
+    uid_t uid;
+    gid_t gid;
+    uint32_t jobid;
+    struct passwd *pw;
+    pid_t pid;
+    int st;
+
+    /* slurm_spank_init is not called before the job epilog: its arguments come here. */
+    if (hpcrun_path == NULL && parse_args(ac, av) < 0)
+        return 0;
+    if (!bcast_clean || hpcrun_path == NULL)
+        return 0;
+    if (spank_get_item(sp, S_JOB_UID, &uid) != ESPANK_SUCCESS
+        || spank_get_item(sp, S_JOB_GID, &gid) != ESPANK_SUCCESS
+        || spank_get_item(sp, S_JOB_ID, &jobid) != ESPANK_SUCCESS || (pw = getpwuid(uid)) == NULL)
+        return 0;
+    pid = fork();
+    if (pid < 0)
+        return 0;
+    if (pid == 0) {
+        char prefix[128], job[32];
+        DIR *d;
+        struct dirent *e;
+        int null = open("/dev/null", O_RDWR);
+        if (null >= 0) {
+            dup2(null, 0);
+            dup2(null, 1);
+        }
+        if (setgid(gid) != 0 || initgroups(pw->pw_name, gid) != 0 || setuid(uid) != 0)
+            _exit(126);
+        snprintf(prefix, sizeof prefix, "%s.%u.%u.", SBCAST_PREFIX, (unsigned) uid, jobid);
+        if ((d = opendir(bcast_tmp)) != NULL) {
+            struct stat sb;
+            while ((e = readdir(d)) != NULL)
+                if (strncmp(e->d_name, prefix, strlen(prefix)) == 0
+                    && fstatat(dirfd(d), e->d_name, &sb, AT_SYMLINK_NOFOLLOW) == 0 && sb.st_uid == uid)
+                    unlinkat(dirfd(d), e->d_name, 0);
+            closedir(d);
+        }
+        clearenv();
+        setenv("HOME", pw->pw_dir, 1);
+        setenv("USER", pw->pw_name, 1);
+        setenv("LOGNAME", pw->pw_name, 1);
+        setenv("PATH", "/usr/local/bin:/usr/bin:/bin", 1);
+        snprintf(job, sizeof job, "%u", jobid);
+        execl(hpcrun_path, hpcrun_path, "broadcast", "--clean", "--mpi", "no", "--job", job, (char *) NULL);
+        _exit(127);
+    }
+    while (waitpid(pid, &st, 0) < 0)
+        if (errno != EINTR)
+            return 0;
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        slurm_error("hpcrun: job %u: `hpcrun broadcast --clean` as uid %u failed (status %d)", jobid,
+                    (unsigned) uid, st);
+    return 0;   /* never drain a node for this */
 }

@@ -304,6 +304,12 @@ class Cluster:
                 if ids:
                     subprocess.run(["scancel", "--full"] + ids, env=self.env(), capture_output=True,
                                    timeout=30)
+                # A slurmd stopped while a job completes (its epilog) lingers 15 s.
+                end = time.monotonic() + 30
+                while ids and time.monotonic() < end:
+                    time.sleep(0.2)
+                    ids = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env(), capture_output=True,
+                                         text=True, timeout=30).stdout.split()
             except subprocess.TimeoutExpired:
                 pass
         for name, p in reversed(self.procs):
