@@ -470,6 +470,11 @@ class Broadcast:
             if land is not None and need:
                 _, err = _attempt(lambda: land.commit("sha256_%s.sqfs" % digest))
             self._agree(comm, err, host)
+            # every rank gathers (a collective), whatever its own -v: rank 0's decides
+            said = comm.gather((rank, host, where.path, need) if leader else None, root=0)
+            if self.args.verbose:
+                for r, h, path, copied_here in (x for x in said or () if x):
+                    self._say("rank %d on %s: %s %s" % (r, h, "copied to" if copied_here else "had it in", path))
             outcome = ("done", desc, digest, nodes, copied)
             return self._finish(comm, outcome, where, src)
         except _Failed as f:

@@ -183,9 +183,10 @@ def test_mpi_reads_the_image_once_and_every_node_gets_its_copy(node, images, hpc
     os.unlink(os.path.join(dirs[2], images.name))
     argv = MPIRUN[:]
     for d in dirs:
-        argv += ["-np", "1", hpcrun_bin, "broadcast", "--to", d, images.img, ":"]
+        argv += ["-np", "1", hpcrun_bin, "broadcast", "-v", "--to", d, images.img, ":"]
     r = node.run(argv[:-1])
     assert r.returncode == 0 and "on 3 node(s): 1 copied, 2 had it" in r.stdout, r.stdout + r.stderr
+    assert "copied to %s" % dirs[2] in r.stdout and "had it in %s" % dirs[0] in r.stdout, r.stdout
     assert sha256_of(os.path.join(dirs[2], images.name)) == images.sha
 
 
