@@ -44,6 +44,7 @@ def main(argv):
     cfg = config_mod.load(os.environ)
     rep = Report()
     _config(rep, cfg)
+    _entry(rep)
     _namespaces(rep)
     _fuse(rep)
     _launcher(rep)
@@ -78,6 +79,19 @@ def _config(rep, cfg):
             "%s (%s)" % (k, cfg.origin.get(k, "?")) for k in unknown), "warn")
     elif cfg.sources:
         rep.add("config", ", ".join(cfg.sources))
+
+
+def _entry(rep):
+    """How this hpcrun was started: the entry `hpcrun install-entry` writes (docs/install.md), or pip's script."""
+    import sys
+    if not (sys.flags.isolated and sys.flags.no_site):
+        rep.add("entry", "Python without -I -S (pip's console script?): PYTHON* variables act, every rank reads "
+                "site-packages; run hpcrun install-entry (docs/install.md)", "warn")
+    elif any(type(f).__name__ == "Bundle" and type(f).__module__ == "hpcrun.entry" for f in sys.meta_path):
+        rep.add("entry", "Python -I -S, the rank's modules from the bundle")
+    else:
+        rep.add("entry", "Python -I -S, modules from their files: the bundle is missing, stale or of another "
+                "Python; rerun hpcrun install-entry (docs/install.md)", "warn")
 
 
 def _namespaces(rep):

@@ -42,6 +42,19 @@ def test_installed_entry_is_isolated(hpcrun_bin, name):
     assert os.path.isfile(bundle)
 
 
+def test_check_names_the_entry(hpcrun_bin, copied_install):
+    import json
+    r = subprocess.run([hpcrun_bin, "check", "--json"], capture_output=True, text=True, timeout=60, cwd="/")
+    rows = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert rows["entry"] == {"name": "entry", "value": "Python -I -S, the rank's modules from the bundle",
+                             "status": "ok"}
+    site, bin_dir, run, install = copied_install          # installed, then the package changes: stale
+    assert install().returncode == 0
+    (site / "hpcrun" / "new-file").write_text("")
+    rows = {c["name"]: c for c in json.loads(run("check", "--json").stdout)["checks"]}
+    assert rows["entry"]["status"] == "warn" and "stale" in rows["entry"]["value"]
+
+
 def _calls_before_exec(trace):
     """The traced lines before the last successful execve (the program's)."""
     lines = trace.splitlines()
