@@ -12,11 +12,14 @@ not what limits here; docs/staging.md models that part).  For N = 1..4 nodes:
   broadcast   `mpirun hpcrun broadcast` (one rank per node, MPMD with --to) and
               then the same N cold launches, which mount the nodes' copies
 
+And, as root with the Slurm test bed and plugins/slurm built, the same N through
+Slurm (run_slurm): `srun --container-image=IMG true` vs `... --container-bcast`.
+
 Reported: wall time of each phase (median over rounds) and bytes of payload
 read from the shared file (the broadcast says what it read; each staging
 keeper reads the payload once, tests/test_broadcast.py counts it with strace).
 
-    python3 benchmarks/broadcast.py [--mb 256] [--nodes 1,2,3,4] [--rounds 3] [--chunk-mib 8]
+    python3 benchmarks/broadcast.py [--mb 256] [--nodes 1,2,3,4] [--rounds 3] [--chunk-mib 8] [--no-slurm]
 """
 import argparse
 import os
@@ -123,7 +126,7 @@ def clean(hpcrun, nodes):
                        env=_env(c), check=True)
 
 
-def run(build_dir, mb, counts, rounds, budget, log, chunk_mib=8):
+def run(build_dir, mb, counts, rounds, budget, log, chunk_mib=8, slurm=True):
     hpcrun = common.find_hpcrun()
     os.makedirs(build_dir, exist_ok=True)
     base = tempfile.mkdtemp(prefix="bench-bcast-", dir=build_dir)
@@ -159,9 +162,79 @@ def run(build_dir, mb, counts, rounds, budget, log, chunk_mib=8):
                 "bytes_read_shared": n * size, "bytes_read_broadcast": read}
             log("broadcast bench, %d node(s): shared %s s, broadcast %s + launch %s s" % (
                 n, _m(shared), _m(bcast), _m(launches)))
+        if slurm and not budget.exhausted():
+            res["slurm"] = run_slurm(base, img, size, counts, rounds, budget, log)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return res
+
+
+def run_slurm(base, img, size, counts, rounds, budget, log):
+    """The Slurm path on the test bed's fake nodes (tests/testbed/cluster.py: each
+    slurmd with its own tmpfs /tmp): per N, `srun -N N --container-image=IMG true`
+    (each node's keeper stages from the shared file) vs the same with
+    --container-bcast (sbcast once down Slurm's tree, each node lands its copy,
+    the launches mount it; the job epilog removes it).  Wall time of the srun."""
+    plugin = os.path.join(common.REPO, "plugins", "slurm", "spank_hpcrun.so")
+    if not os.path.exists(plugin):
+        return {"error": "plugins/slurm/spank_hpcrun.so is not built (make plugins)"}
+    if not shutil.which("slurmd") or os.getuid() != 0:
+        return {"error": "needs root and Slurm's daemons (the test bed)"}
+    sys.path.insert(0, os.path.join(common.REPO, "tests"))
+    from testbed.cluster import Cluster
+    conf = os.path.join(base, "slurm-bench.conf")
+    with open(conf, "w") as f:
+        f.write("mount_strategy = fuse\n")     # root would mount the shared file in place (kernel)
+    out = {"counts": {}, "errors": []}
+    tmp = "%dm" % ((3 * size >> 20) + 64)      # sbcast's file + the landed copy, or one staged copy
+    with Cluster(nodes=max(counts), cpus=1, plugin=plugin, plugin_args=["hpcrun=" + common.find_hpcrun()],
+                 shared=[base], node_tmp_size=tmp) as c:
+        env = c.env(_env(conf))
+        for n in counts:
+            if budget.exhausted():
+                out["counts"][str(n)] = {"skipped": "time budget"}
+                continue
+            times = {"shared": [], "bcast": []}
+            try:
+                for _ in range(rounds):
+                    for mode, extra in (("shared", []), ("bcast", ["--container-bcast"])):
+                        c.wait_idle()      # the last job's epilog has run: its copies are gone
+                        t = time.monotonic()
+                        r = subprocess.run(["srun", "-N%d" % n, "-n%d" % n, "--container-image=" + img] + extra
+                                           + ["true"], env=env, cwd=base, capture_output=True, text=True,
+                                           timeout=600)
+                        if r.returncode != 0:
+                            raise RuntimeError("%s: %s" % (mode, r.stderr.strip()[-300:]))
+                        times[mode].append(time.monotonic() - t)
+            except (RuntimeError, subprocess.SubprocessError) as e:
+                out["errors"].append("slurm, %d nodes: %s" % (n, e))
+            out["counts"][str(n)] = {"shared_s": common.summary(times["shared"]),
+                                     "bcast_s": common.summary(times["bcast"]),
+                                     "bytes_read_shared": n * size, "bytes_read_bcast": os.path.getsize(img)}
+            log("broadcast bench, Slurm, %d node(s): srun staging from the shared file %s s, "
+                "--container-bcast %s s" % (n, _m(times["shared"]), _m(times["bcast"])))
+    return out
+
+
+def markdown_slurm(res):
+    if not res or "error" in res:
+        return ["Slurm (`--container-bcast`): not run: %s" % (res or {}).get("error", "not asked"), ""]
+    out = ["### The same through Slurm: `srun --container-image=IMG true` vs `... --container-bcast`", "",
+           "4 test-bed nodes (tests/testbed/cluster.py: each slurmd with its own tmpfs /tmp); the srun's wall time, "
+           "seconds, median (q1–q3). With `--container-bcast` it includes sbcast (one mapping of the file, "
+           "Slurm's tree), the nodes' landing step and the launches.", "",
+           "| nodes | every node stages from the shared file | `--container-bcast` | "
+           "bytes read from the shared file: staging / sbcast |", "|---|---|---|---|"]
+
+    def f(s):
+        return "—" if not s or not s.get("n") else "%.3f (%.3f–%.3f)" % (s["median"], s["q1"], s["q3"])
+    for n, c in res["counts"].items():
+        if "skipped" in c:
+            out.append("| %s | skipped (%s) | | |" % (n, c["skipped"]))
+            continue
+        out.append("| %s | %s | %s | %s / %s |" % (n, f(c["shared_s"]), f(c["bcast_s"]), c["bytes_read_shared"],
+                                                    c["bytes_read_bcast"]))
+    return out + ["- %s" % e for e in res["errors"]] + [""]
 
 
 def _m(v):
@@ -188,6 +261,8 @@ def markdown(res):
             n, f(c["shared_s"]), f(c["broadcast_s"]), f(c["launch_after_broadcast_s"]),
             "—" if both is None else "%.3f" % both, c["bytes_read_shared"], c["bytes_read_broadcast"]))
     out += ["- %s" % e for e in res["errors"]] + [""]
+    if "slurm" in res:
+        out += markdown_slurm(res["slurm"])
     return "\n".join(out)
 
 
@@ -198,11 +273,12 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--chunk-mib", type=int, default=8)
     ap.add_argument("--build", default=common.DEFAULT_BUILD)
+    ap.add_argument("--no-slurm", action="store_true", help="skip the Slurm part (test-bed cluster, root)")
     a = ap.parse_args(argv)
     t0 = time.monotonic()
     res = run(a.build, a.mb, [int(x) for x in a.nodes.split(",")], a.rounds, common.Budget(None),
               lambda m: print("[%6.1fs] %s" % (time.monotonic() - t0, m), file=sys.stderr, flush=True),
-              a.chunk_mib)
+              a.chunk_mib, slurm=not a.no_slurm)
     print(markdown(res))
     return 1 if res["errors"] else 0
 

@@ -92,6 +92,9 @@ def test_broadcast_results(smoke):
         # every node staging reads the payload N times; the broadcast once
         assert (c["bytes_read_shared"], c["bytes_read_broadcast"]) == (int(n) * b["payload_bytes"], b["payload_bytes"])
     assert "Staging on N fake nodes" in (smoke["out"] / "results.md").read_text()
+    s = b.get("slurm", {})
+    if "counts" in s:   # root, Slurm's daemons and plugins/slurm built: --container-bcast on the test bed
+        assert s["errors"] == [] and all(_summary_ok(c["bcast_s"]) for c in s["counts"].values()), s
 
 
 def test_markdown_and_plots_written(smoke):
