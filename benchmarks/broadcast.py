@@ -220,7 +220,7 @@ def markdown_slurm(res):
     if not res or "error" in res:
         return ["Slurm (`--container-bcast`): not run: %s" % (res or {}).get("error", "not asked"), ""]
     out = ["### The same through Slurm: `srun --container-image=IMG true` vs `... --container-bcast`", "",
-           "4 test-bed nodes (tests/testbed/cluster.py: each slurmd with its own tmpfs /tmp); the srun's wall time, "
+           "Test-bed nodes (tests/testbed/cluster.py: each slurmd with its own tmpfs /tmp); the srun's wall time, "
            "seconds, median (q1–q3). With `--container-bcast` it includes sbcast (one mapping of the file, "
            "Slurm's tree), the nodes' landing step and the launches.", "",
            "| nodes | every node stages from the shared file | `--container-bcast` | "
