@@ -54,14 +54,15 @@ def wrappers(workdir, hpcrun_bin):
     for name, real in (("hpcrun", hpcrun_bin), ("sbcast", shutil.which("sbcast"))):
         with open(os.path.join(d, name), "w") as f:
             f.write('#!/bin/sh\n[ -n "$HPCRUN_TEST_TRACE" ] || exec %s "$@"\n'
-                    'exec strace -f -ff -qq -y -e trace=%s -o "$HPCRUN_TEST_TRACE/%s.${SLURMD_NODENAME:-submit}" '
+                    'exec strace -f -ff -qq -y --seccomp-bpf -e trace=%s -o "$HPCRUN_TEST_TRACE/%s.${SLURMD_NODENAME:-submit}" '
                     '%s "$@"\n' % (real, TRACED, name, real))
         os.chmod(os.path.join(d, name), 0o755)
     return d
 
 
-def start_cluster(spank_plugin, wrappers, shared_dir, **kw):
-    return Cluster(nodes=4, plugin=spank_plugin, plugin_args=["hpcrun=" + os.path.join(wrappers, "hpcrun")],
+def start_cluster(spank_plugin, wrappers, shared_dir, plugin_args=(), **kw):
+    return Cluster(nodes=4, plugin=spank_plugin,
+                   plugin_args=["hpcrun=" + os.path.join(wrappers, "hpcrun")] + list(plugin_args),
                    cli_filter=os.path.join(PLUGIN_DIR, "cli_filter.lua"), shared=[shared_dir], **kw).start()
 
 
@@ -194,7 +195,8 @@ def test_container_bcast_reads_the_image_once_and_every_node_mounts_its_copy(
         cluster4, run4, workdir, wrappers, bcast_images, test_user):
     img = bcast_images["small"]
     size = os.path.getsize(img)
-    env = {"PATH": wrappers + ":/usr/local/bin:/usr/bin:/bin"}
+    # HPCRUN_LINGER=0: strace -f waits for the keeper, which would linger after the task.
+    env = {"PATH": wrappers + ":/usr/local/bin:/usr/bin:/bin", "HPCRUN_LINGER": "0"}
     # Without a broadcast every node's launch reads the payload from the shared file.
     env["HPCRUN_TEST_TRACE"] = before = traced(workdir, test_user)
     r = run4(["srun", "-N4", "-n4", "--container-image=small.img", "true"], env=env)
@@ -243,19 +245,26 @@ def one_error(r):
 
 def test_container_bcast_errors_are_one_clear_line_and_leave_nothing(
         spank_plugin, wrappers, shared_dir, workdir, bcast_images, test_user):
-    """Nodes with 6 MiB of /tmp: the large image does not fit for sbcast; the
-    small one fits for sbcast but not beside its landed copy; a broadcast
-    directory whose parent is missing."""
-    c = start_cluster(spank_plugin, wrappers, shared_dir, cpus=1, node_tmp_size="6m")
+    """Nodes with 6 MiB of /tmp: sbcast's directory (bcast_tmp=) missing; the
+    large image does not fit for sbcast; the small one fits for sbcast but not
+    beside its landed copy; a broadcast directory whose parent is missing."""
+    c = start_cluster(spank_plugin, wrappers, shared_dir, plugin_args=["bcast_tmp=/tmp/sbcast-in"], cpus=1,
+                      node_tmp_size="6m")
     try:
         run = as_user(c, test_user, workdir)
+        line = one_error(run(["srun", "-N1", "--container-bcast", "true"]))
+        assert line == "hpcrun: error: --container-bcast: no image (--container-image, --container or HPCRUN_IMAGE)"
+        line = one_error(run(["srun", "-N4", "--container-image=small.img", "--container-bcast", "true"]))
+        assert "sbcast of %s to node-local /tmp/sbcast-in failed: n" % bcast_images["small"] in line, line
+        assert ": no directory /tmp/sbcast-in" in line, line
+        for n in NODES:
+            assert c.in_node(n, ["mkdir", "-m", "1777", "/tmp/sbcast-in"]).returncode == 0
         line = one_error(run(["srun", "-N4", "--container-image=large.img", "--container-bcast", "true"]))
-        assert "sbcast of %s to node-local /tmp failed" % bcast_images["large"] in line, line
-        assert "KiB free in /tmp, the image needs %d KiB" % ((os.path.getsize(bcast_images["large"]) + 1023) // 1024) \
+        assert "sbcast of %s to node-local /tmp/sbcast-in failed" % bcast_images["large"] in line, line
+        assert "KiB free in /tmp/sbcast-in, the image needs %d KiB" % ((os.path.getsize(bcast_images["large"]) + 1023) // 1024) \
             in line, line
         line = one_error(run(["srun", "-N4", "--container-image=small.img", "--container-bcast", "true"]))
-        assert "space" in line, line
-        print(line)
+        assert "no space for the image's payload in the node-local broadcast directory" in line, line
         conf = os.path.join(workdir, "missing-bcast.conf")
         with open(conf, "w") as f:
             f.write("broadcast_dir = /tmp/no-such-dir-%s/bcast\n" % secrets.token_hex(4))
@@ -273,7 +282,8 @@ def test_container_bcast_errors_are_one_clear_line_and_leave_nothing(
 def test_sbatch_container_bcast_broadcasts_once_per_job(cluster4, run4, workdir, wrappers, bcast_images, test_user):
     """#SBATCH --container-bcast: the first srun broadcasts, a later one with the
     same image finds the job's copies (sbcast reads the file once per job)."""
-    env = {"PATH": wrappers + ":/usr/local/bin:/usr/bin:/bin", "HPCRUN_TEST_TRACE": traced(workdir, test_user)}
+    env = {"PATH": wrappers + ":/usr/local/bin:/usr/bin:/bin", "HPCRUN_TEST_TRACE": traced(workdir, test_user),
+           "HPCRUN_LINGER": "0"}
     with open(os.path.join(workdir, "bcast-job.sh"), "w") as f:
         f.write("#!/bin/sh\n#SBATCH -N4 --ntasks-per-node=1\n#SBATCH --container-image=small.img\n"
                 "#SBATCH --container-bcast\n"
