@@ -359,6 +359,23 @@ def names(desc):
     return None, stage.broadcast_name(desc)
 
 
+def mpi4py_mpi():
+    """mpi4py.MPI.  bin/hpcrun starts Python with -S (docs/install.md): mpi4py may be in a
+    site directory other than hpcrun's own, which only site adds."""
+    try:
+        from mpi4py import MPI
+        return MPI
+    except ImportError:
+        from hpcrun import entry
+        entry.add_site_dirs()
+    try:
+        from mpi4py import MPI
+        return MPI
+    except ImportError:
+        raise errors.Error(errors.UNAVAILABLE, "hpcrun broadcast under an MPI launcher needs mpi4py "
+                           "(pip install mpi4py, or python3-mpi4py); --mpi no copies on this node only")
+
+
 class Broadcast:
     def __init__(self, args):
         self.args = args
@@ -418,11 +435,7 @@ class Broadcast:
 
     # ---- under MPI: one reader, one writer per node-local directory
     def run_mpi(self):
-        try:
-            from mpi4py import MPI
-        except ImportError:
-            raise errors.Error(errors.UNAVAILABLE, "hpcrun broadcast under an MPI launcher needs mpi4py "
-                               "(pip install mpi4py, or python3-mpi4py); --mpi no copies on this node only")
+        MPI = mpi4py_mpi()
         comm = MPI.COMM_WORLD
         rank = comm.Get_rank()
         host = socket.gethostname()

@@ -86,6 +86,18 @@ def use(site, bundle, fd):
         sys.meta_path.insert(0, Bundle(bundle, index, len(bundle) - blobs))
 
 
+def add_site_dirs():
+    """What -S left out, for a command that imports a package from outside the standard library
+    (hpcrun broadcast: mpi4py) where SITE lacks it: the site directories of the Python the entry
+    runs on and SITE's .pth files.  -I still keeps the user's site directory out."""
+    if sys.flags.no_site:
+        import os
+        import site
+        import hpcrun
+        site.main()
+        site.addsitedir(os.path.dirname(os.path.dirname(hpcrun.__file__)))
+
+
 def make(pkg):
     """The bundle's bytes for the package directory pkg (cmd_install_entry writes them)."""
     import marshal

@@ -165,3 +165,19 @@ def test_install_entry_errors(copied_install, as_user, hpcrun_bin, tmp_path):
     r = as_user([hpcrun_bin, "install-entry"])
     assert_one_error(r, errors.CANTCREATE, "cannot install the entry")
     assert [sorted(os.listdir(d)) for d in (os.path.join(SITE, "hpcrun", "__pycache__"), venv_bin)] == before
+
+
+def test_add_site_dirs_finds_what_site_would(copied_install, tmp_path):
+    """-S leaves site out; a command that needs a package from a site directory (hpcrun
+    broadcast: mpi4py) gets them back with entry.add_site_dirs(), .pth files included."""
+    site = copied_install[0]
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "probe_mod.py").write_text("X = 'found'\n")
+    (site / "probe.pth").write_text(str(extra) + "\n")
+    code = ("import sys; sys.path.append(sys.argv[1]); from hpcrun import entry\n"
+            "try:\n    import probe_mod\nexcept ImportError:\n    print('not before')\n"
+            "entry.add_site_dirs(); import probe_mod; print(probe_mod.X)")
+    r = subprocess.run([os.path.realpath(sys.executable), "-IS", "-c", code, str(site)], capture_output=True,
+                       text=True, timeout=60, cwd="/")
+    assert (r.returncode, r.stdout) == (0, "not before\nfound\n"), r.stderr
