@@ -138,6 +138,13 @@ def test_stop_leaves_no_mounts_and_no_processes(shared_dir):
     assert c.leftovers() == []
 
 
+def test_hpcrun_itself_is_not_wrapped(run4, wrappers, bcast_images):
+    # e.g. `srun --ntasks-per-node=1 hpcrun broadcast IMG` in a job that has an image
+    r = run4(["srun", "-N2", "--container-image=small.img", "hpcrun", "--version"],
+             env={"PATH": wrappers + ":/usr/local/bin:/usr/bin:/bin"})
+    assert r.returncode == 0 and r.stdout.count("hpcrun") == 2, r.stdout + r.stderr
+
+
 # -- --container-bcast: sbcast into node-local storage, the tasks mount the local copy ----------
 
 @pytest.fixture(scope="module")

@@ -217,6 +217,13 @@ static int skipped(const char *prog)
     return 0;
 }
 
+/* Do two paths name programs of the same name (hpcrun, typed or absolute)? */
+static int same_base(const char *a, const char *b)
+{
+    const char *x = strrchr(a, '/'), *y = strrchr(b, '/');
+    return strcmp(x ? x + 1 : a, y ? y + 1 : b) == 0;
+}
+
 static int set(spank_t sp, const char *var, const char *val)
 {
     if (val == NULL || *val == '\0')
@@ -271,8 +278,8 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 
     if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1)
         return 0;
-    if (skipped(argv[0]) || strcmp(argv[0], hpcrun_path) == 0)
-        return 0;   /* MPI daemons, and hpcrun itself (e.g. the broadcast step), stay on the host */
+    if (skipped(argv[0]) || same_base(argv[0], hpcrun_path))
+        return 0;   /* MPI daemons, and hpcrun itself (srun hpcrun broadcast IMG), stay on the host */
 
     mounts[0] = '\0';
     if (default_mounts)
