@@ -253,8 +253,13 @@ def slurm_task_path(hp, img, ntasks, rounds, env, user, budget, log):
         e = c.env(env)
         cases = [("native", as_user + srun + ["/bin/true"]),
                  ("hpcrun", as_user + srun + ["--container-image=" + img, "/bin/true"])]
-        for _, argv in cases:
-            common.run_timed(argv, env=e, timeout=120)
+        # warm, and a check that the second case runs in the image: another mount namespace
+        ns = [common.run_timed(argv[:-1] + ["readlink", "/proc/self/ns/mnt"], env=e, timeout=120)[1]
+              for _, argv in cases]
+        if any(p.returncode for p in ns) or len({p.stdout for p in ns}) != 2:
+            return {"error": "srun --container-image did not run the task in the image: %s" % "; ".join(
+                "%s exit %d %s %s" % (label, p.returncode, p.stdout.strip()[:60], common.tail(p.stderr, 2))
+                for (label, _), p in zip(cases, ns))}
         out = _timed_rounds(cases, rounds, e, 120, budget, lambda m: log("srun -n %d %s" % (ntasks, m)),
                             lambda p: True)
     h, n = out["hpcrun"].get("median"), out["native"].get("median")
