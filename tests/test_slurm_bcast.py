@@ -266,12 +266,33 @@ def test_container_bcast_errors_are_one_clear_line_and_leave_nothing(
         assert ": no directory /tmp/sbcast-in" in line, line
         for n in NODES:
             assert c.in_node(n, ["mkdir", "-m", "1777", "/tmp/sbcast-in"]).returncode == 0
-        line = one_error(run(["srun", "-N4", "--container-image=large.img", "--container-bcast", "true"]))
+        r = run(["srun", "-N4", "--container-image=large.img", "--container-bcast", "echo", "ran"])
+        line = one_error(r)
+        assert "ran" not in r.stdout and r.returncode == 1, r.stdout     # no task ran the program
         assert "sbcast of %s to node-local /tmp/sbcast-in failed" % bcast_images["large"] in line, line
         assert "KiB free in /tmp/sbcast-in, the image needs %d KiB" % ((os.path.getsize(bcast_images["large"]) + 1023) // 1024) \
             in line, line
         line = one_error(run(["srun", "-N4", "--container-image=small.img", "--container-bcast", "true"]))
         assert "no space for the image's payload in the node-local broadcast directory" in line, line
+        # Above, 6 MiB held small.img's sbcast file but not its copy beside it, on every node.  With
+        # 10 MiB n1..n3 land theirs and n4 cannot: none may keep a copy (all or nothing).
+        # In a batch script, so that a later step (before the job epilog) looks.
+        for n in NODES[:3]:
+            c.in_node(n, ["mount", "-o", "remount,size=10m", "/tmp"], check=True)
+        with open(os.path.join(workdir, "partial.sh"), "w") as f:
+            f.write("#!/bin/sh\n#SBATCH -N4 --ntasks-per-node=1\n"
+                    "srun --container-image=small.img --container-bcast true; echo \"bcast rc=$?\"\n"
+                    "srun sh -c 'echo \"$SLURMD_NODENAME has $(ls /tmp/hpcrun-%d/bcast/job-$SLURM_JOB_ID | wc -l)\"'\n"
+                    % test_user.pw_uid)
+        r = run(["sbatch", "--parsable", "-o", "partial.out", "partial.sh"])
+        assert r.returncode == 0, r.stderr
+        slurm.wait(int(r.stdout.strip().split(";")[0]), timeout=T, env=c.env())
+        with open(os.path.join(workdir, "partial.out")) as f:
+            out = f.read().splitlines()
+        # the step failed (its tasks did not run) and the next one was not kept waiting for its CPUs
+        assert "bcast rc=1" in out and sorted(line for line in out if " has " in line) == [
+            "%s has 0" % n for n in NODES], out
+        assert len([line for line in out if line.startswith("hpcrun: error: no space")]) == 1, out
         conf = os.path.join(workdir, "missing-bcast.conf")
         with open(conf, "w") as f:
             f.write("broadcast_dir = /tmp/no-such-dir-%s/bcast\n" % secrets.token_hex(4))

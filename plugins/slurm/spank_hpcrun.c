@@ -248,6 +248,13 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
         return 0;
     /* Never inherit a handshake from an outer job: only we set it. */
     spank_unsetenv(sp, "HPCRUN_TASK_ARGV0");
+    /* The step's broadcast failed (srun said why): no task runs. */
+    if (task_env(sp, "HPCRUN_TASK_BCAST_FAILED", img_buf, sizeof img_buf) != NULL) {
+        spank_unsetenv(sp, "HPCRUN_TASK_BCAST_FAILED");
+        if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) == ESPANK_SUCCESS && argc >= 1)
+            argv[0] = strdup("false");
+        return 0;
+    }
     /* The broadcast's own helper steps stay on the host. */
     if (task_env(sp, "HPCRUN_TASK_BCAST_STEP", img_buf, sizeof img_buf) != NULL) {
         spank_unsetenv(sp, "HPCRUN_TASK_BCAST_STEP");
@@ -455,17 +462,31 @@ static int marker_has(const char *marker, const char *want)
     return found;
 }
 
+static int broadcast_image(spank_t sp);
+
+/* A step whose local_user_init fails is never launched, yet slurmctld keeps it
+ * running until the job ends (scancel does not end it): a batch script's next
+ * srun would wait for its CPUs forever.  So a failed broadcast does not fail
+ * here: it has said why (one line), and every task of the step exits 1 at
+ * once instead of running (slurm_spank_task_init, HPCRUN_TASK_BCAST_FAILED). */
 int slurm_spank_local_user_init(spank_t sp, int ac, char **av)
+{
+    (void) ac; (void) av;
+    if (!opt_bcast || getenv("HPCRUN_TASK_BCAST_STEP") != NULL)
+        return 0;
+    if (broadcast_image(sp) != 0)
+        setenv("HPCRUN_TASK_BCAST_FAILED", "1", 1);
+    return 0;
+}
+
+static int broadcast_image(spank_t sp)
 {
     static char out[16384], line[1024], dest[PATH_MAX + 64], abs_image[PATH_MAX], jobarg[32];
     static char marker[PATH_MAX + 64], mline[PATH_MAX + 64];
     const char *image = opt_image, *c;
     uint32_t jobid = 0, stepid = 0, nnodes = 0;
     int rc;
-    (void) ac; (void) av;
 
-    if (!opt_bcast || getenv("HPCRUN_TASK_BCAST_STEP") != NULL)
-        return 0;
     if (image == NULL && (c = step_env(sp, "HPCRUN_IMAGE")) != NULL && *c)
         image = c;
     if (image == NULL && use_slurm_container && (c = step_env(sp, "SLURM_CONTAINER")) != NULL && *c)
@@ -528,6 +549,10 @@ int slurm_spank_local_user_init(spank_t sp, int ac, char **av)
         rc = node_step(jobid, nnodes, argv, out, sizeof out);
     }
     if (rc != 0) {
+        /* All or nothing, as the MPI path: the nodes that landed their copy drop the job's copies. */
+        char *undo[] = { "sh", "-c", "\"$0\" broadcast --mpi no --clean --job \"$1\"; rm -f \"$2\"",
+                         hpcrun_path, jobarg, dest, NULL }, junk[1024];
+        node_step(jobid, nnodes, undo, junk, sizeof junk);
         if (first_line(out, "hpcrun: error:", line, sizeof line))
             fprintf(stderr, "%s\n", line);
         else
