@@ -135,7 +135,8 @@ def test_stop_leaves_no_mounts_and_no_processes(shared_dir):
         assert len(set(c.node_ns.values())) == 4
     finally:
         c.stop()
-    assert c.leftovers() == []
+    left = c.leftovers()
+    assert left == [], left
 
 
 def test_hpcrun_itself_is_not_wrapped(run4, wrappers, bcast_images):
@@ -304,7 +305,8 @@ def test_container_bcast_errors_are_one_clear_line_and_leave_nothing(
             assert not [f for f in left if ".sqfs" in f or ".hpcrun-sbcast" in f or ".tmp." in f], left
     finally:
         c.stop()
-    assert c.leftovers() == []
+    left = c.leftovers()
+    assert left == [], left
 
 
 def test_sbatch_container_bcast_broadcasts_once_per_job(cluster4, run4, workdir, wrappers, bcast_images, test_user):

@@ -77,7 +77,7 @@ class Cluster:
         self.node_local = node_local
         self.node_tmp_size = node_tmp_size
         self.shared = [os.path.abspath(p) for p in shared]
-        self.node_ns = {}        # node name -> inode of its mount namespace (leak checks)
+        self.node_ns = {}        # node name -> inode of its mount namespace (while it runs)
         self.node_labels = {}    # node name -> source name of its tmpfs mounts (leak checks)
         self.dir = None
         self.procs = []          # (name, Popen), started in order, stopped in reverse
@@ -249,7 +249,7 @@ class Cluster:
         """What a stopped cluster must not leave: processes still in a node's mount
         namespace and mounts of a node's tmpfs seen anywhere (pids and mountinfo lines).
         Works after stop() too: it keeps what it started with."""
-        return _leftovers(set(self.node_ns.values()), list(self.node_labels.values()))
+        return _leftovers(list(self.node_labels.values()))
 
     def _wait(self, ok, timeout, what):
         end = time.monotonic() + timeout
@@ -354,9 +354,25 @@ class Cluster:
         self.stop()
 
 
-def _leftovers(namespaces, labels):
-    """'pid N in ...' / 'pid N sees <mountinfo line>' for every process in one of the
-    namespaces or whose namespace holds a mount with one of the labels as its source."""
+def _describe(pid):
+    """'comm state ppid: cmdline' of a process, for failure messages."""
+    try:
+        with open("/proc/%s/stat" % pid) as f:
+            stat = f.read()
+        with open("/proc/%s/cmdline" % pid, "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        rest = stat[stat.rindex(")") + 2:].split()
+        return "%s %s ppid %s: %s" % (stat[stat.index("(") + 1:stat.rindex(")")], rest[0], rest[1], cmd[:200])
+    except (OSError, ValueError, IndexError):
+        return "gone"
+
+
+def _leftovers(labels):
+    """'pid N (what) sees <mountinfo line>' for every process whose mount namespace
+    holds a mount with one of the labels as its source: a node's namespace (its
+    tmpfs mounts) or one made from it (a container started in a task).  Not by
+    namespace inode: once a node's namespace is gone the kernel reuses its inode
+    number for someone else's."""
     found, views = [], {}   # views: namespace inode -> its lines with our labels
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -368,9 +384,9 @@ def _leftovers(namespaces, labels):
                     views[ns] = [line.strip() for line in f if any(" %s " % label in line for label in labels)]
         except OSError:
             continue
-        if ns in namespaces:
-            found.append("pid %s in a node's mount namespace" % d)
-        found += ["pid %s sees %s" % (d, line) for line in views[ns]]
+        if views[ns]:
+            what = _describe(d)
+            found += ["pid %s (%s) sees %s" % (d, what, line) for line in views[ns]]
     return found
 
 
