@@ -249,7 +249,9 @@ def slurm_task_path(hp, img, ntasks, rounds, env, user, budget, log):
     as_user = ["setpriv", "--reuid=%d" % user.pw_uid, "--regid=%d" % user.pw_gid, "--init-groups",
                "--"] if user and user.pw_uid != 0 else []
     srun = ["srun", "-N1", "-n", str(ntasks)]
-    with Cluster(nodes=1, cpus=ntasks, plugin=plugin, plugin_args=["hpcrun=" + hp]) as c:
+    # shared: the image may lie under /tmp (--build), which a test-bed node has its own of
+    with Cluster(nodes=1, cpus=ntasks, plugin=plugin, plugin_args=["hpcrun=" + hp],
+                 shared=[os.path.dirname(os.path.abspath(img))]) as c:
         e = c.env(env)
         cases = [("native", as_user + srun + ["/bin/true"]),
                  ("hpcrun", as_user + srun + ["--container-image=" + img, "/bin/true"])]
