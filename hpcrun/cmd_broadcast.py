@@ -467,7 +467,8 @@ class Broadcast:
             nodes = len(set(keys))
             copied = sum(comm.allgather(1 if need else 0))
             if copied == 0:
-                outcome = ("done", desc, claimed or "", nodes, 0)
+                self._list_nodes(comm, leader, rank, host, where, False)
+                outcome = ("done", desc, desc.get("sha256_claimed") or "", nodes, 0)
                 return self._finish(comm, outcome, where)
             # 4. the stream: rank 0 reads, the leaders that need it receive
             stream = MPI.COMM_NULL
@@ -483,11 +484,7 @@ class Broadcast:
             if land is not None and need:
                 _, err = _attempt(lambda: land.commit("sha256_%s.sqfs" % digest))
             self._agree(comm, err, host)
-            # every rank gathers (a collective), whatever its own -v: rank 0's decides
-            said = comm.gather((rank, host, where.path, need) if leader else None, root=0)
-            if self.args.verbose:
-                for r, h, path, copied_here in (x for x in said or () if x):
-                    self._say("rank %d on %s: %s %s" % (r, h, "copied to" if copied_here else "had it in", path))
+            self._list_nodes(comm, leader, rank, host, where, need)
             outcome = ("done", desc, digest, nodes, copied)
             return self._finish(comm, outcome, where, src)
         except _Failed as f:
@@ -554,6 +551,13 @@ class Broadcast:
             except errors.Error as e:
                 err = e
         return err, digest
+
+    def _list_nodes(self, comm, leader, rank, host, where, need):
+        # every rank gathers (a collective), whatever its own -v: rank 0's decides
+        said = comm.gather((rank, host, where.path, need) if leader else None, root=0)
+        if self.args.verbose:
+            for r, h, path, copied_here in (x for x in said or () if x):
+                self._say("rank %d on %s: %s %s" % (r, h, "copied to" if copied_here else "had it in", path))
 
     def _agree(self, comm, err, host):
         """Every rank's outcome so far; on any failure every rank stops with

@@ -176,9 +176,12 @@ def test_mpi_reads_the_image_once_and_every_node_gets_its_copy(node, images, hpc
     # one process of the job read the file: the payload once, and its header
     assert len(readers) == 1 and images.size <= sum(readers.values()) < images.size + 65536, readers
     # a second broadcast: every node has it, the payload is not read at all
-    r = node.run(MPIRUN + ["-np", "1", hpcrun_bin, "broadcast", "--to", dirs[0], images.img, ":",
-                           "-np", "1", hpcrun_bin, "broadcast", "--to", dirs[1], images.img])
+    r = node.run(MPIRUN + ["-np", "1", hpcrun_bin, "broadcast", "-v", "--to", dirs[0], images.img, ":",
+                           "-np", "1", hpcrun_bin, "broadcast", "-v", "--to", dirs[1], images.img])
     assert r.returncode == 0 and "0 copied, 2 had it; 0 bytes read" in r.stdout, r.stdout + r.stderr
+    # -v lists the nodes then too, and the digest is the image's (not its copy's file name)
+    assert "had it in %s" % dirs[0] in r.stdout and "had it in %s" % dirs[1] in r.stdout, r.stdout
+    assert "(sha256 %s)" % images.sha[:16] in r.stdout, r.stdout
     # one node lacks it (not the reader's): only that one receives
     os.unlink(os.path.join(dirs[2], images.name))
     argv = MPIRUN[:]
