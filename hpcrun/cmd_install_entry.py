@@ -36,11 +36,13 @@ def _write_atomic(path, data, mode):
             f.write(data)
         os.chmod(tmp, mode)                 # whatever the umask
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.filename == tmp:
+            raise OSError(e.errno, e.strerror, path) from None     # name the file, not our temp name
         raise
 
 

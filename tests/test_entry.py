@@ -164,6 +164,7 @@ def test_install_entry_errors(copied_install, as_user, hpcrun_bin, tmp_path):
     before = [sorted(os.listdir(d)) for d in (os.path.join(SITE, "hpcrun", "__pycache__"), venv_bin)]
     r = as_user([hpcrun_bin, "install-entry"])
     assert_one_error(r, errors.CANTCREATE, "cannot install the entry")
+    assert r.stderr.rstrip().endswith(".bundle)") and ".tmp-" not in r.stderr, r.stderr   # the file, not a temp
     assert [sorted(os.listdir(d)) for d in (os.path.join(SITE, "hpcrun", "__pycache__"), venv_bin)] == before
 
 
