@@ -99,6 +99,12 @@ def target(args, create=True):
         root = stage.broadcast_root(cfg, run_dir, uid)
         if root == os.path.join(run_dir, "bcast") and create:
             os.close(node.open_run_dir(run_dir, uid))        # the default lies inside run_dir
+    if args.uid is not None:
+        _become(uid)            # root's epilogue: the user's directories, with the user's rights only
+    foreign = stage.foreign_ancestor(root, uid)
+    if foreign:
+        raise errors.Error(errors.NOPERM, "node-local broadcast directory lies in a directory another user "
+                           "can change (%s): a launch would not use its copies" % foreign, root)
     fd = _open_private(None, root, root, uid, create)
     if fd is None:
         return None
@@ -109,6 +115,22 @@ def target(args, create=True):
             return None
         return Where(sub, os.path.join(root, "job-" + job), job)
     return Where(fd, root, None)
+
+
+def _become(uid):
+    """Drop root for the user's own uid and groups (as the SPANK epilog does):
+    a path the user controls (their run directory may be a link) then leads
+    root's clean-up nowhere the user could not go themselves."""
+    import pwd
+    try:
+        pw = pwd.getpwuid(uid)
+        gid = pw.pw_gid
+        os.initgroups(pw.pw_name, gid)
+    except KeyError:
+        gid = uid
+        os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
 
 
 def _open_private(dir_fd, name, path, uid, create):

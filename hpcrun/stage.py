@@ -20,6 +20,7 @@ container's mount namespace and vanish with it.
 """
 import fcntl
 import os
+import stat
 import time
 
 from hpcrun import errors, fdio, linux
@@ -218,6 +219,26 @@ def broadcast_name(img):
     return "src_%s.sqfs" % source_key(img["path"], img["ident"], img.get("pin"))
 
 
+def foreign_ancestor(path, uid):
+    """The first directory above path (its real location) whose entries a user
+    other than uid and root could rename, or None.  A path is re-resolved when
+    the copy is mounted: a directory of another user on the way (or one that
+    others may write, without the sticky bit) could swap the checked copy for
+    theirs in between."""
+    real = os.path.realpath(path)
+    here = "/"
+    for name in [""] + real.split("/")[1:-1]:
+        here = os.path.join(here, name)
+        try:
+            st = os.lstat(here)
+        except OSError:
+            return None         # not there, or not ours to see: opening it says which
+        if (not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, uid)
+                or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX)):
+            return here
+    return None
+
+
 def _private_dir(name, dir_fd, uid):
     """A directory of ours that nobody else can write, or None."""
     try:
@@ -240,6 +261,9 @@ def find_broadcast(plan, cfg, run_dir, environ=os.environ):
     if img["kind"] == "dir" or "offset" not in img:
         return None
     root = broadcast_root(cfg, run_dir, plan["uid"])
+    if foreign_ancestor(root, plan["uid"]):
+        return None
+    root = os.path.realpath(root)       # what was checked is what the mount resolves
     name = broadcast_name(img)
     job = job_id(environ)
     top = _private_dir(root, None, plan["uid"])

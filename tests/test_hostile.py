@@ -1639,3 +1639,86 @@ def test_pin_tells_a_reproducible_squashfs_rebuild_apart(case):
         assert_error(r, errors.DATA, "pinned")
     finally:
         case.assert_clean()
+
+
+# ==================================== O. node-local broadcast copies ===
+# docs/broadcast.md: a launch mounts <broadcast_dir>[/job-ID]/<name> instead of
+# the image file; `hpcrun broadcast --clean --uid` runs as root in an epilogue.
+
+def _payload_copy(img, path, pw):
+    """What `hpcrun broadcast` would land: the image's payload, the user's, 0600."""
+    with open(img, "rb") as f:
+        head = f.read(4096).split(b"\n")[1].split()
+        f.seek(int(head[2]))
+        data = f.read(int(head[3]))
+    with open(path, "wb") as f:
+        f.write(data)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+    os.chmod(path, 0o600)
+    return "sha256_%s.sqfs" % head[4].decode()
+
+
+def _user_conf(case, text):
+    conf = os.path.join(case.dir, "user.conf")
+    with open(conf, "w") as f:
+        f.write(text)
+    os.chmod(conf, 0o644)
+    return {"HPCRUN_CONF": conf}
+
+
+@pytest.mark.parametrize("parent", ["users-own", "another-users"])
+def test_broadcast_copy_below_another_users_directory_is_not_used(case, victim, parent):
+    # broadcast_dir = P/bcast, P of another user (a site's `/local/%u/bcast`
+    # where /local lets anyone make /local/<uid> first): the copy is the
+    # user's, but P's owner can rename bcast away and put a link to their own
+    # copy in its place between the keeper's check and the mount, which opens
+    # the path again.  So the copy is not used there, nor landed (77).
+    owner = case.pw if parent == "users-own" else victim
+    p = case.mkdir_user("P", 0o755, owner=owner)
+    bcast = case.mkdir_user("P/bcast", 0o700)
+    env = _user_conf(case, "broadcast_dir = %s\n" % bcast)
+    img = case.image(case.root())
+    copy = os.path.join(bcast, _payload_copy(img, os.path.join(bcast, "planted"), case.pw))
+    os.rename(os.path.join(bcast, "planted"), copy)
+    r = case.hpcrun("-v", img, "cat", "/marker", env=env)
+    assert_ok(r, case.token + "\n")
+    used = b"node-local broadcast copy %s" % copy.encode() in r.stderr
+    assert used == (parent == "users-own"), r.stderr
+    os.unlink(copy)
+    r = case.hpcrun("broadcast", "--no-job", img, env=env, key=False)
+    if parent == "users-own":
+        assert_ok(r)
+    else:
+        assert_error(r, errors.NOPERM, "another user can change (%s)" % p)
+        assert os.listdir(bcast) == []
+    case.assert_clean()
+
+
+def test_root_clean_for_a_user_goes_only_where_the_user_can(case):
+    # The epilogue's `--clean --uid U` as root: U's run directory is U's to
+    # make a link, here into a directory only root can enter.  The clean-up
+    # runs with U's rights: refused (77), the files there stay.
+    hidden = os.path.join(case.dir, "hidden")
+    os.mkdir(hidden, 0o700)
+    job = os.path.join(hidden, "r", "bcast", "job-5")
+    os.makedirs(job)
+    for d in (os.path.join(hidden, "r"), os.path.dirname(job), job):
+        os.chown(d, case.pw.pw_uid, case.pw.pw_gid)
+        os.chmod(d, 0o700)
+    kept = os.path.join(job, "sha256_%s.sqfs" % ("0" * 64))
+    with open(kept, "w") as f:
+        f.write("not to be removed by root for U\n")
+    os.chown(kept, case.pw.pw_uid, case.pw.pw_gid)
+    run_dir = os.path.join(case.dir, "run-%d" % case.pw.pw_uid)
+    os.symlink(os.path.join(hidden, "r"), run_dir)
+    os.lchown(run_dir, case.pw.pw_uid, case.pw.pw_gid)
+    env = _user_conf(case, "run_dir = %s/run-%%u\n" % case.dir)
+    argv = [case.hpcrun_bin, "broadcast", "--clean", "--uid", str(case.pw.pw_uid)]
+    r = subprocess.run(argv + ["--job", "5"], env=dict(os.environ, **env), capture_output=True, timeout=TIMEOUT)
+    assert_error(r, errors.NOPERM, "not this user's own")
+    assert os.path.exists(kept)
+    for bad in ("../x", "..", "5/../..", "-5", ".hidden", "a/b"):
+        r = subprocess.run(argv + ["--job", bad], env=dict(os.environ, **env), capture_output=True, timeout=TIMEOUT)
+        assert_error(r, errors.USAGE, "--job")
+    assert os.path.exists(kept)
+    case.assert_clean()
