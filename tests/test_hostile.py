@@ -18,7 +18,8 @@ subprocess has a timeout: a hang is a failure, never a stuck suite.
 Sections: A image links, B bind specs, C read-only, D image code in hpcrun,
 E mounts from inside, F site policy, G digests, H specials, I headers,
 J privilege, K environment, L run-directory squatting, M concurrency,
-N signatures, pins, SIF descriptors, OCI Env and the run-singularity hand-over.
+N signatures, pins, SIF descriptors, OCI Env and the run-singularity hand-over,
+O node-local broadcast copies.
 """
 import base64
 import glob
