@@ -334,3 +334,31 @@ def test_sbatch_container_bcast_broadcasts_once_per_job(cluster4, run4, workdir,
         assert wait_for(lambda: node_files(cluster4, n, "/tmp/hpcrun-%d/bcast" % test_user.pw_uid) == [])
         assert not [f for f in node_files(cluster4, n, "/tmp") if ".hpcrun-sbcast." in f]
     shutil.rmtree(env["HPCRUN_TEST_TRACE"])
+
+
+def test_another_users_file_in_bcast_tmp_does_not_stop_a_broadcast(cluster4, run4, bcast_images, test_user):
+    """bcast_tmp is world-writable (/tmp): another user who guesses the next
+    job's sbcast file name and makes it first (job ids count up) must not
+    make the step fail, nor have their file used or removed."""
+    r = run4(["srun", "-N1", "sh", "-c", 'echo "$SLURM_JOB_ID"'])
+    assert r.returncode == 0, r.stderr
+    job = int(r.stdout.split()[0]) + 1
+    theirs = ["/tmp/.hpcrun-sbcast.%d.%d.%s" % (test_user.pw_uid, job, s) for s in ("0", "done")]
+    for n in NODES:
+        for f in theirs:
+            cluster4.in_node(n, ["sh", "-c", 'echo theirs > "$0" && chown 65534:65534 "$0" && chmod 666 "$0"', f],
+                             check=True)
+    try:
+        r = run4(["srun", "-N4", "--container-image=small.img", "--container-bcast", "sh", "-c",
+                  'echo "$SLURM_JOB_ID $(ls /tmp/hpcrun-%d/bcast/job-$SLURM_JOB_ID)"' % test_user.pw_uid])
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.split("\n")
+        assert sorted(line.split()[0] for line in lines if line) == [str(job)] * 4, r.stdout
+        assert all(re.match(r"^\d+ sha256_[0-9a-f]{64}\.sqfs$", line) for line in lines if line), r.stdout
+        for n in NODES:
+            for f in theirs:
+                got = cluster4.in_node(n, ["stat", "-c", "%u %s", f])
+                assert got.stdout.split() == ["65534", "7"], (n, f, got.stdout)
+    finally:
+        for n in NODES:
+            cluster4.in_node(n, ["rm", "-f"] + theirs)

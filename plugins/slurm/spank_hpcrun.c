@@ -43,6 +43,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -313,7 +314,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
  *
  * In srun (local context), after the allocation exists and before the step's
  * tasks start: `sbcast` sends the image file, read once, down Slurm's own tree
- * to <bcast_tmp>/.hpcrun-sbcast.<uid>.<job>.<step> on every node of the job;
+ * to <bcast_tmp>/.hpcrun-sbcast.<uid>.<job>.<step>.<random> on every node of the job;
  * then a helper step (one task per node, --overlap) runs
  * `hpcrun broadcast --mpi no --for IMAGE THAT_FILE`, which verifies the payload
  * and lands it atomically in the node's broadcast directory
@@ -485,6 +486,7 @@ static int broadcast_image(spank_t sp)
     static char marker[PATH_MAX + 64], mline[PATH_MAX + 64];
     const char *image = opt_image, *c;
     uint32_t jobid = 0, stepid = 0, nnodes = 0;
+    uint64_t nonce;
     int rc;
 
     if (image == NULL && (c = step_env(sp, "HPCRUN_IMAGE")) != NULL && *c)
@@ -508,7 +510,14 @@ static int broadcast_image(spank_t sp)
     c = getenv("SLURM_JOB_NUM_NODES");   /* inside an allocation: all of the job's nodes */
     if (c == NULL || (nnodes = (uint32_t) strtoul(c, NULL, 10)) == 0)
         spank_get_item(sp, S_JOB_NNODES, &nnodes);
-    snprintf(dest, sizeof dest, "%s/%s.%u.%u.%u", bcast_tmp, SBCAST_PREFIX, (unsigned) getuid(), jobid, stepid);
+    /* bcast_tmp is shared (/tmp): a name nobody can guess, or another user makes it first
+     * (job ids count up) and sbcast, which will not write over a file, fails the step. */
+    if (getrandom(&nonce, sizeof nonce, 0) != (ssize_t) sizeof nonce) {
+        fprintf(stderr, "hpcrun: error: --container-bcast: getrandom: %s\n", strerror(errno));
+        return -1;
+    }
+    snprintf(dest, sizeof dest, "%s/%s.%u.%u.%u.%016llx", bcast_tmp, SBCAST_PREFIX, (unsigned) getuid(), jobid,
+             stepid, (unsigned long long) nonce);
     snprintf(jobarg, sizeof jobarg, "%u", jobid);
 
     /* A batch script's later steps: the job's nodes have this image already. */
@@ -562,8 +571,11 @@ static int broadcast_image(spank_t sp)
     }
     if (marker[0] && mline[0]) {
         int fd = open(marker, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+        struct stat st;
         if (fd >= 0) {
-            if (write(fd, mline, strlen(mline)) < 0) { /* only a later step's shortcut is lost */ }
+            /* another user's file there (made first, writable): not ours to write to */
+            if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == getuid()
+                && write(fd, mline, strlen(mline)) < 0) { /* only a later step's shortcut is lost */ }
             close(fd);
         }
     }
