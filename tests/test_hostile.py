@@ -1753,3 +1753,33 @@ def test_broadcast_copy_of_a_replaced_plain_squashfs_is_not_used(case):
         assert_ok(r, "bbbb\n")
     finally:
         case.assert_clean()
+
+
+@pytest.mark.xfail(strict=True, reason="an hpcrun image's broadcast copy is found by the digest its header claims, "
+                   "which a launch does not check against the image's own payload (that would read it)")
+def test_broadcast_copy_is_not_taken_by_a_header_that_claims_its_digest(case):
+    # The user broadcast A; B's header claims A's digest over a payload of its
+    # own, of the same length.  As with a staged copy
+    # (test_lying_digest_cannot_join_an_honest_copy), B must not get A's payload.
+    a = case.image(case.root("root-a"), "a.img")
+    with open(a, "rb") as f:
+        head = f.read(4096).split(b"\n")[1].split()
+    size = int(head[3])
+    other = "token-" + uuid.uuid4().hex            # as long as case.token: about the same payload size
+    sq = hi.squashfs(hi.base_root(os.path.join(case.dir, "root-b"), other), os.path.join(case.dir, "b.sqfs"))
+    with open(sq, "rb") as f:
+        payload = f.read()
+    assert len(payload) <= size
+    payload += b"\0" * (size - len(payload))       # a SquashFS mounts with padding after it
+    b = hi.lying_image(os.path.join(case.dir, "b.img"), payload, head[4].decode())
+    case.digests.add(hashlib.sha256(payload).hexdigest())
+    bcast = case.mkdir_user("bcast", 0o700)
+    env = _user_conf(case, "broadcast_dir = %s\n" % bcast)
+    assert_ok(case.hpcrun("broadcast", "--no-job", a, env=env, key=False))
+    assert_ok(case.hpcrun(a, "cat", "/marker", env=env), case.token + "\n")
+    r = case.hpcrun(b, "cat", "/marker", env=env)
+    try:
+        assert case.token.encode() not in r.stdout, "B got A's payload"
+        assert_refused_or(r, errors.DATA, other + "\n")
+    finally:
+        case.assert_clean()
