@@ -167,7 +167,10 @@ def _dispatch(argv):
     if argv[0] in ("exec", "run", "shell"):
         mode, rest = argv[0], argv[1:]
     elif argv[0] in SUBCOMMANDS:
-        return _sub(argv[0], argv[1:])
+        # --debug is main's (tracebacks), for every command: not the subcommand's option to refuse
+        rest = argv[1:]
+        cut = rest.index("--") if "--" in rest else len(rest)
+        return _sub(argv[0], [a for a in rest[:cut] if a != "--debug"] + rest[cut:])
     else:
         mode, rest = "exec", argv
     from hpcrun import launch

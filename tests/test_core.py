@@ -1645,3 +1645,15 @@ def test_read_only_without_mount_setattr(tmp_path):
     os.waitpid(pid, 0)
     assert said == "EROFS EROFS", said
     assert os.listdir(src) == ["sub"]
+
+
+def test_debug_is_accepted_by_every_subcommand(hpcrun_bin, tmp_path):
+    """Errors say `rerun with --debug`: subcommands take it too (they refused it as an unknown option, 64)."""
+    missing = str(tmp_path / "no-such.img")
+    for sub in (["inspect"], ["verify"], ["broadcast", "--mpi", "no"], ["run-help"]):
+        r = subprocess.run([hpcrun_bin] + sub + ["--debug", missing], capture_output=True, text=True, timeout=60)
+        assert r.returncode == errors.NOINPUT and "Traceback" in r.stderr, (sub, r.returncode, r.stderr)
+        assert r.stderr.splitlines()[-1].startswith("hpcrun: error: ") and "no-such.img" in r.stderr, r.stderr
+    r = subprocess.run([hpcrun_bin, "install-entry", "--debug", "--bin", missing], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == errors.NOINPUT and "no such directory" in r.stderr, r.stderr
