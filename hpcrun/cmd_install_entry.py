@@ -99,6 +99,8 @@ def main(argv):
                            "keep pip's console script", python)
     if not os.path.isdir(bin_dir):
         raise errors.Error(errors.NOINPUT, "no such directory", bin_dir)
+    if not os.access(bin_dir, os.W_OK):        # before the bundle: a refusal writes nothing
+        raise errors.Error(errors.CANTCREATE, "cannot install the entry: the directory is not writable", bin_dir)
     pkg = package_dir()
     site = os.path.dirname(pkg)
     try:

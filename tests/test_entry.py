@@ -147,7 +147,7 @@ def test_bundle_is_used_and_never_when_stale(copied_install):
     assert _from_files(r.stderr, site)
 
 
-def test_install_entry_errors(copied_install, as_user, hpcrun_bin, tmp_path):
+def test_install_entry_errors(copied_install, as_user, test_user, hpcrun_bin, tmp_path):
     site, bin_dir, run, install = copied_install
     python = os.path.realpath(sys.executable)
     code = "import sys; sys.path.insert(0, sys.argv[1]); from hpcrun.cli import main; sys.exit(main(sys.argv[2:]))"
@@ -159,12 +159,31 @@ def test_install_entry_errors(copied_install, as_user, hpcrun_bin, tmp_path):
     assert_one_error(entry("--frob"), errors.USAGE, "--frob")
     if os.getuid() != 0:
         return
+    # a bin directory on a read-only mount (a private one): refused before the bundle is written
+    ro_bin = tmp_path / "ro-bin"
+    ro_bin.mkdir()
+    cmd = [python, "-I", "-S", "-c", code, str(site), "install-entry", "--bin", str(ro_bin)]
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                        'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1" && shift && exec "$@"', "-",
+                        str(ro_bin)] + cmd, capture_output=True, text=True, timeout=60, cwd="/")
+    assert_one_error(r, errors.CANTCREATE, "not writable", str(ro_bin))
+    assert not [f for f in os.listdir(site / "hpcrun" / "__pycache__") if ".bundle" in f]
     # a user who does not own the install: refused, nothing written
     venv_bin = os.path.dirname(hpcrun_bin)
     before = [sorted(os.listdir(d)) for d in (os.path.join(SITE, "hpcrun", "__pycache__"), venv_bin)]
     r = as_user([hpcrun_bin, "install-entry"])
     assert_one_error(r, errors.CANTCREATE, "cannot install the entry")
-    assert r.stderr.rstrip().endswith(".bundle)") and ".tmp-" not in r.stderr, r.stderr   # the file, not a temp
+    # ... with a bin directory of its own: the bundle it cannot write is named (not a temp name), and
+    # the user's directory stays empty
+    own_bin = tempfile.mkdtemp(prefix="entry-bin-")
+    try:
+        os.chown(own_bin, test_user.pw_uid, test_user.pw_gid)
+        r = as_user([hpcrun_bin, "install-entry", "--bin", own_bin])
+        assert_one_error(r, errors.CANTCREATE, "cannot install the entry")
+        assert r.stderr.rstrip().endswith(".bundle)") and ".tmp-" not in r.stderr, r.stderr
+        assert os.listdir(own_bin) == []
+    finally:
+        shutil.rmtree(own_bin)
     assert [sorted(os.listdir(d)) for d in (os.path.join(SITE, "hpcrun", "__pycache__"), venv_bin)] == before
 
 
