@@ -250,6 +250,7 @@ def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w, linger):
     import sys
     code = 0
     st = None
+    lingered = False
     try:
         for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_IGN if sig != signal.SIGTERM else signal.SIG_DFL)
@@ -278,6 +279,7 @@ def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w, linger):
         os.close(ready_w)
         ready_w = None
         _linger(plan, dir_fd, st, linger, proc_fd)
+        lingered = True
     except errors.Error as e:
         code = 1
         if ready_w is not None:
@@ -294,7 +296,8 @@ def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w, linger):
         staging = sys.modules.get("hpcrun.stage")
         if staging is not None:         # a build that failed after staging: the copy goes too
             staging.release_all(dir_fd)
-        fdio.remove(dir_fd, plan["key"] + ".d", rmdir=True)
+        if not lingered:    # a failed build: the rank that started us still holds the lock
+            fdio.remove(dir_fd, plan["key"] + ".d", rmdir=True)
         os._exit(code)
 
 
@@ -451,6 +454,10 @@ def _linger(plan, dir_fd, st, linger, proc_fd):
             if _users_inside(proc_fd, me, skip):
                 idle_since = time.monotonic()
                 continue
+            # Everything of ours goes while the lock is held: a workspace removed
+            # after it (the keeper still stopping squashfuse) would be the next
+            # keeper's, which may already use the same name.
+            fdio.remove(dir_fd, plan["key"] + ".d", rmdir=True)
             fdio.remove(dir_fd, plan["key"] + ".pid")
             fdio.remove(dir_fd, plan["key"] + ".lock")
             return
