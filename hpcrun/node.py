@@ -444,8 +444,13 @@ def _linger(plan, dir_fd, st, linger, proc_fd):
             continue
         lock = None
         try:
-            lock = os.open(plan["key"] + ".lock", os.O_RDWR | os.O_CLOEXEC, dir_fd=dir_fd)
+            # O_CREAT: a lock file removed under us (a /tmp cleaner) is made again, as
+            # a rank would make it; only a run directory that is gone makes this fail.
+            lock = os.open(plan["key"] + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                           dir_fd=dir_fd)
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except FileNotFoundError:
+            return                       # run_dir removed: no rank can find us any more
         except OSError:
             if lock is not None:
                 os.close(lock)

@@ -1060,6 +1060,23 @@ def test_keeper_is_shared_and_goes_away(user_caller, core_dir, busybox_root):
     assert eventually(lambda: not keepers_of(img))
 
 
+def test_keeper_leaves_when_its_run_dir_is_removed(user_caller, core_dir, busybox_root):
+    # A cleaner of /tmp (systemd-tmpfiles, a job epilogue, a test's clean-up)
+    # removes the run directory while a keeper lingers: no rank can find that
+    # keeper any more, so it must leave, not wait for a lock file forever.
+    c = user_caller
+    d = private_dir(core_dir, c)
+    img = fresh_image(d, busybox_root, "rundir-gone")
+    run_dir = os.path.join(d, "run")
+    conf = os.path.join(d, "hpcrun.conf")
+    write(conf, "run_dir = %s\n" % run_dir)
+    env = {"HPCRUN_LINGER": "2", "HPCRUN_CONF": conf}
+    assert c.hpcrun(img, "true", env=env, cwd="/").returncode == 0
+    assert len(keepers_of(img)) == 1
+    shutil.rmtree(run_dir)
+    assert eventually(lambda: not keepers_of(img), timeout=20), "keeper outlived its run directory"
+
+
 def test_a_killed_stagers_half_copy_is_removed(user_caller, core_dir, busybox_root):
     # A stager killed mid-copy leaves <payload>.sqfs.<pid>.tmp; the next one removes it.
     c = user_caller
