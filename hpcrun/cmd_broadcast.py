@@ -227,12 +227,15 @@ class Landing:
         self.renamed = []
 
     def present(self):
-        """The copy is here already (a regular file of ours, of the right size)."""
+        """The copy is here already: a regular file of ours, of the right size,
+        under the source's link name (and its digest name, the same file)."""
         try:
             st = os.stat(self.alias or self.name, dir_fd=self.where.fd, follow_symlinks=False)
+            same = os.stat(self.name, dir_fd=self.where.fd, follow_symlinks=False)
         except OSError:
             return False
-        return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_size == self.size
+        return (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_size == self.size
+                and (same.st_dev, same.st_ino) == (st.st_dev, st.st_ino))
 
     def open(self):
         import hashlib
@@ -272,10 +275,20 @@ class Landing:
                                % (got[:16], expected[:16]), self.where.path)
 
     def commit(self, digest_name):
-        """Rename into place; an unclaimed image's copy gets its digest name and
-        the source's link name (the index a launch looks up)."""
-        os.rename(self.tmp, digest_name, src_dir_fd=self.where.fd, dst_dir_fd=self.where.fd)
-        self.renamed.append(digest_name)
+        """Rename into place under its digest name, then link the source's name
+        (the index a launch looks up) to it.  A copy of the same digest that is
+        here already (another source's, verified when it landed) stays: other
+        sources' links keep naming the same file."""
+        try:
+            st = os.stat(digest_name, dir_fd=self.where.fd, follow_symlinks=False)
+            kept = stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_size == self.size
+        except OSError:
+            kept = False
+        if kept:
+            _unlink(self.where.fd, self.tmp)
+        else:
+            os.rename(self.tmp, digest_name, src_dir_fd=self.where.fd, dst_dir_fd=self.where.fd)
+            self.renamed.append(digest_name)
         if self.alias:
             link_tmp = ".tmp.%d.%s" % (os.getpid(), self.alias)
             _unlink(self.where.fd, link_tmp)
@@ -375,10 +388,10 @@ class Source:
 
 
 def names(desc):
-    """(digest name or None when it is known only after reading, link name or None)."""
-    if desc.get("sha256_claimed"):
-        return "sha256_%s.sqfs" % desc["sha256_claimed"], None
-    return None, stage.broadcast_name(desc)
+    """(digest name, or None when it is known only after reading; the source's
+    link name, which launches look up: every kind has one)."""
+    claimed = desc.get("sha256_claimed")
+    return ("sha256_%s.sqfs" % claimed if claimed else None), stage.broadcast_name(desc)
 
 
 def mpi4py_mpi():

@@ -212,10 +212,11 @@ def source_key(path, ident, pin):
 
 
 def broadcast_name(img):
-    """img: the plan's image.  An hpcrun image's copy is named by its
-    verified digest; any other by a link named from source_key()."""
-    if img.get("sha256_claimed"):
-        return "sha256_%s.sqfs" % img["sha256_claimed"]
+    """img: the plan's image.  The name a launch looks up: a link named from
+    source_key(), made only by a broadcast that read this source's payload and
+    hashed it.  (The copy itself is named by its verified digest; looking that
+    up by the digest a header claims would give a header that copies another
+    image's digest that image's copy.)"""
     return "src_%s.sqfs" % source_key(img["path"], img["ident"], img.get("pin"))
 
 
@@ -283,10 +284,24 @@ def find_broadcast(plan, cfg, run_dir, environ=os.environ):
                     os.close(fd)
             if (st.st_mode & 0o170000 == 0o100000 and st.st_uid == plan["uid"]
                     and st.st_size == img["size"] and not st.st_mode & 0o022):
-                return os.path.join(root, sub, name) if sub else os.path.join(root, name)
+                found = name
+                if img.get("sha256_claimed"):       # said by its digest name, the same file
+                    found = "sha256_%s.sqfs" % img["sha256_claimed"]
+                    if not _same_file(st, found, root, sub):
+                        continue
+                return os.path.join(root, sub, found) if sub else os.path.join(root, found)
     finally:
         os.close(top)
     return None
+
+
+def _same_file(st, name, root, sub):
+    try:
+        other = os.stat(os.path.join(root, sub, name) if sub else os.path.join(root, name),
+                        follow_symlinks=False)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _verify_copy(path, img):

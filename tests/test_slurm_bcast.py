@@ -317,8 +317,8 @@ def test_sbatch_container_bcast_broadcasts_once_per_job(cluster4, run4, workdir,
     with open(os.path.join(workdir, "bcast-job.sh"), "w") as f:
         f.write("#!/bin/sh\n#SBATCH -N4 --ntasks-per-node=1\n#SBATCH --container-image=small.img\n"
                 "#SBATCH --container-bcast\n"
-                "srun sh -c 'echo \"step1 $(ls /tmp/hpcrun-%d/bcast/job-$SLURM_JOB_ID)\"'\n"
-                "srun sh -c 'echo \"step2 $(ls /tmp/hpcrun-%d/bcast/job-$SLURM_JOB_ID)\"'\n"
+                "srun sh -c 'echo \"step1 $(echo $(ls /tmp/hpcrun-%d/bcast/job-$SLURM_JOB_ID))\"'\n"
+                "srun sh -c 'echo \"step2 $(echo $(ls /tmp/hpcrun-%d/bcast/job-$SLURM_JOB_ID))\"'\n"
                 % (test_user.pw_uid, test_user.pw_uid))
     r = run4(["sbatch", "--parsable", "-o", "bcast-job.out", "bcast-job.sh"], env=env)
     assert r.returncode == 0, r.stderr
@@ -326,7 +326,7 @@ def test_sbatch_container_bcast_broadcasts_once_per_job(cluster4, run4, workdir,
     with open(os.path.join(workdir, "bcast-job.out")) as f:
         out = f.read()
     assert info["state"] == "COMPLETED", out
-    copy = re.compile(r"^step[12] sha256_[0-9a-f]{64}\.sqfs$")
+    copy = re.compile(r"^step[12] sha256_[0-9a-f]{64}\.sqfs src_[0-9a-f]{40}\.sqfs ?$")
     assert sorted(line.split()[0] for line in out.splitlines() if copy.match(line)) == ["step1"] * 4 + ["step2"] * 4
     readers = bytes_read(env["HPCRUN_TEST_TRACE"], bcast_images["small"])
     assert sum(v for k, v in readers.items() if k.startswith("sbcast.")) == os.path.getsize(bcast_images["small"])
@@ -350,11 +350,12 @@ def test_another_users_file_in_bcast_tmp_does_not_stop_a_broadcast(cluster4, run
                              check=True)
     try:
         r = run4(["srun", "-N4", "--container-image=small.img", "--container-bcast", "sh", "-c",
-                  'echo "$SLURM_JOB_ID $(ls /tmp/hpcrun-%d/bcast/job-$SLURM_JOB_ID)"' % test_user.pw_uid])
+                  'echo "$SLURM_JOB_ID $(echo $(ls /tmp/hpcrun-%d/bcast/job-$SLURM_JOB_ID))"' % test_user.pw_uid])
         assert r.returncode == 0, r.stderr
         lines = r.stdout.split("\n")
         assert sorted(line.split()[0] for line in lines if line) == [str(job)] * 4, r.stdout
-        assert all(re.match(r"^\d+ sha256_[0-9a-f]{64}\.sqfs$", line) for line in lines if line), r.stdout
+        assert all(re.match(r"^\d+ sha256_[0-9a-f]{64}\.sqfs src_[0-9a-f]{40}\.sqfs$", line)
+                   for line in lines if line), r.stdout
         for n in NODES:
             for f in theirs:
                 got = cluster4.in_node(n, ["stat", "-c", "%u %s", f])
