@@ -62,6 +62,10 @@ def configure(pbs):
         path = write_config(pbs, **changes)
         for hook in testbed.HOOK_NAMES:
             pbs.qmgr("import hook %s application/x-config default %s" % (hook, path))
+        # qmgr returns before the mom has the new config: a job started in between
+        # ran with the previous test's (seen: variable=CONTAINER_IMAGE left over,
+        # "image argument is empty"; a refused hpcrun path left over)
+        pbs.wait_for_mom_hooks()
     yield apply
     apply()
 
