@@ -483,6 +483,30 @@ def test_sif_pgp_unknown_key_and_wrong_keyring(as_user, pgp):
 
 
 @needs_gpg
+def test_apptainers_own_signature_verifies_with_its_public_key(as_user, shared_dir):
+    # A signature written by the SIF reference tooling, not by our tests: with
+    # its test key's public half (tests/data/README.md) it is good; one byte of
+    # the partition changed after signing is 65.
+    keyring = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sif-test-key.pub.asc")
+    real = os.path.join(SIF_DIR, "one-group-signed-pgp.sif")
+    r = hpcrun(as_user, "verify", "--keyring", keyring, real)
+    assert r.returncode == 0, r.stderr
+    assert "good PGP signature by Unit Test <unit@test.com> (12045C8C0B1004D058DE4BEDA20C27EE7FF7BA84)" in r.stdout
+    d = tempfile.mkdtemp(prefix="sign-real-", dir=shared_dir)
+    os.chmod(d, 0o755)
+    changed = os.path.join(d, "changed.sif")
+    data = bytearray(open(real, "rb").read())
+    data[36864 + 200] ^= 0xFF                 # inside the SquashFS partition (offset 36864, README there)
+    with open(changed, "wb") as f:
+        f.write(data)
+    os.chmod(changed, 0o644)
+    try:
+        assert_one_error(hpcrun(as_user, "verify", "--keyring", keyring, changed), errors.DATA)
+    finally:
+        shutil.rmtree(d)
+
+
+@needs_gpg
 def test_sif_pgp_expired_and_revoked_keys_are_77(as_user, pgp):
     # gpgv itself exits 0 for a key that has expired since it signed: hpcrun refuses it
     import siftools
