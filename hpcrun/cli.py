@@ -131,10 +131,12 @@ def parse(argv, mode):
 
 
 def main(argv=None):
+    # The compiled front's mark (ticket.py): ours alone, never the program's or the plan's.
+    claimed = os.environ.pop("_HPCRUN_TICKET", None)
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv[:argv.index("--")] if "--" in argv else "--debug" in argv
     try:
-        code = _dispatch(argv)
+        code = _dispatch(argv, claimed)
         sys.stdout.flush()       # a reader that left shows up here, not at interpreter exit
         return code
     except errors.Error as e:
@@ -154,7 +156,7 @@ def main(argv=None):
         return errors.SOFTWARE
 
 
-def _dispatch(argv):
+def _dispatch(argv, claimed=None):
     if os.environ.get("HPCRUN_TASK_ARGV0") is not None and argv[:1] != ["task-entry"]:
         return _sub("task-entry", argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -174,7 +176,7 @@ def _dispatch(argv):
     else:
         mode, rest = "exec", argv
     from hpcrun import launch
-    return launch.launch(parse(rest, mode))
+    return launch.launch(parse(rest, mode), (claimed, argv) if claimed else None)
 
 
 def _stdout_gone():

@@ -180,9 +180,10 @@ def apply_file(env, path):
         del env["LD_LIBRARY_PATH"]
 
 
-def final(plan):
-    """Inside the container, just before exec: the complete environment."""
-    env = dict(plan["env"]["base"])
+def final(plan, new_env=dict):
+    """Inside the container, just before exec: the complete environment.
+    (new_env: ticket.py's, to see which variables the image's files read)"""
+    env = new_env(plan["env"]["base"])
     apply_file(env, "/.hpcrun/env")
     apply_file(env, "/.hpcrun/launch.env")
     plan["env"]["path_before_user"] = env.get("PATH", "")     # launch.apptainer_argv rebases on it

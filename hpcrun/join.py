@@ -24,7 +24,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 
 
-def join(plan, cfg, timing):
+def join(plan, cfg, timing, rec=None):
     from hpcrun import rankcalls
     uid = plan["uid"]
     run_dir = node.run_dir_path(cfg, uid)
@@ -51,6 +51,8 @@ def join(plan, cfg, timing):
                 if fds is None:
                     raise errors.Error(errors.OSERR, "the node's container exited right after it started",
                                        "pid %d" % pid)
+        if rec is not None:                     # ticket.py: the keeper this launch joins
+            rec.joined(key, pid, node.start_time(pid), plan["userns"], dir_fd, run_dir, uid)
         seal_imports()
         try:
             if plan["userns"]:

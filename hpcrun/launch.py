@@ -12,13 +12,25 @@ import time
 from hpcrun import config, environment, errors, image, join, plan as plan_mod
 
 
-def launch(opts):
+def launch(opts, claimed_ticket=None):
     t0 = time.perf_counter()
     timing = []
-    cfg = config.load()
-    img = image.open_image(opts.image)                       # validated, nothing mounted yet
-    image.check_pin(img, opts.image_digest, os.environ)      # still the image submitted?
-    plan = plan_mod.build(opts, img, cfg, os.environ)        # plain data
+    environ, rec = os.environ, None
+    if claimed_ticket:                       # the compiled front sent us: record for it (ticket.py)
+        from hpcrun import ticket
+        rec = ticket.start(claimed_ticket[0], claimed_ticket[1], opts)
+        if rec:
+            environ = ticket.watched(os.environ, rec.read)
+            rec.install("host")
+            os.stat(".")                     # the directory's identity counts, not only its name
+    try:
+        cfg = config.load(environ)
+        img = image.open_image(opts.image)                       # validated, nothing mounted yet
+        image.check_pin(img, opts.image_digest, environ)         # still the image submitted?
+        plan = plan_mod.build(opts, img, cfg, environ)           # plain data
+    finally:
+        if rec:
+            rec.uninstall()
     if opts.dry_run:
         return dry_run(plan, img)
     # Inside, the image's files replace Python's library and imports are
@@ -28,20 +40,31 @@ def launch(opts):
     if opts.debug:
         import traceback  # noqa: F401  (cli.main prints it)
     t1 = time.perf_counter()
-    join.join(plan, cfg, timing)                             # now inside the node's container
+    join.join(plan, cfg, timing, rec)                        # now inside the node's container
     t2 = time.perf_counter()
     for w in plan.get("warnings", ()):
         sys.stderr.write("hpcrun: warning: %s\n" % w)
     if opts.verbose:
         for n in plan.get("notes", ()):
             sys.stderr.write("hpcrun: note: %s\n" % n)
-    env = environment.final(plan)
-    meta = image_json() if opts.runscript else {}
-    workdir = meta.get("workdir") if not opts.pwd else None
-    if isinstance(workdir, str) and workdir.startswith("/"):   # an image's WORKDIR: `hpcrun run` starts there
-        plan["cwd"] = workdir
-    cwd = enter_cwd(plan, env, opts, required=workdir)      # first: ./solver is relative to it
-    argv = command(plan, env, meta)
+    if rec:
+        rec.install("inside")
+    try:
+        env = environment.final(plan, rec.watched if rec else dict)
+        meta = image_json() if opts.runscript else {}
+        workdir = meta.get("workdir") if not opts.pwd else None
+        if isinstance(workdir, str) and workdir.startswith("/"):   # an image's WORKDIR: `hpcrun run` starts there
+            plan["cwd"] = workdir
+        cwd = enter_cwd(plan, env, opts, required=workdir)      # first: ./solver is relative to it
+        argv = command(plan, env, meta)
+    finally:
+        if rec:
+            rec.uninstall()
+    if rec:
+        if not plan.get("warnings") and not missing_interpreter(argv[0]):
+            rec.write(cwd, argv, env, os.environ)
+        else:
+            rec.discard()
     if opts.verbose:
         sys.stderr.write("hpcrun: %s image %s, container %s%s; plan %.1f ms, join %.1f ms; exec %s in %s\n" % (
             img.kind, img.path, plan["key"], " (new)" if timing else " (joined)",
