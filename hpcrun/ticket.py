@@ -23,6 +23,7 @@ import io
 import os
 import pwd
 import stat
+import sys
 import time
 from _sha256 import sha256
 
@@ -226,6 +227,8 @@ class Recorder:
 
         os.stat, os.lstat, os.readlink, os.access = stat, lstat, readlink, access
         os.open, os.listdir, os.scandir, os.chdir = open_, listdir, scandir, chdir
+        real["stdout"], real["stderr"] = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Talk(sys.stdout, self), _Talk(sys.stderr, self)    # the front would be silent
         builtins.open = io.open = bopen
         pwd.getpwuid = lambda uid: (rec._spoil("passwd lookup"), real["getpwuid"](uid))[1]
         pwd.getpwnam = lambda name: (rec._spoil("passwd lookup"), real["getpwnam"](name))[1]
@@ -236,6 +239,7 @@ class Recorder:
             return
         os.stat, os.lstat, os.readlink, os.access = real["stat"], real["lstat"], real["readlink"], real["access"]
         os.open, os.listdir, os.scandir, os.chdir = real["open"], real["listdir"], real["scandir"], real["chdir"]
+        sys.stdout, sys.stderr = real["stdout"], real["stderr"]
         builtins.open = io.open = real["bopen"]
         pwd.getpwuid, pwd.getpwnam = real["getpwuid"], real["getpwnam"]
         self.saved = None
@@ -274,6 +278,20 @@ class Recorder:
             pass
         finally:
             self.discard()
+
+
+class _Talk:
+    """stdout/stderr while recording: a launch that says something gets no ticket."""
+
+    def __init__(self, stream, rec):
+        self._stream, self._rec = stream, rec
+
+    def write(self, text):
+        self._rec._spoil("printed")
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def _write_into(run_dir_fd, name, data):

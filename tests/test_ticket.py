@@ -232,3 +232,21 @@ def test_old_tickets_are_pruned_by_the_next_writer(via_front, busybox_image, as_
         for p in (old, fresh):
             if os.path.exists(p):
                 os.unlink(p)
+
+
+def test_no_ticket_for_a_launch_that_warns_inside(via_front, busybox_root, shared_dir, tmp_path):
+    # an Apptainer-built SquashFS with environment scripts but no /bin/sh: the launch warns
+    # (launch.command) after the join; a front serving that ticket would run silently
+    import imagetools
+    root = tmp_path / "root"
+    shutil.copytree(busybox_root, root, symlinks=True)
+    os.unlink(root / "bin" / "sh")
+    (root / ".singularity.d" / "env").mkdir(parents=True)
+    (root / ".singularity.d" / "env" / "90-environment.sh").write_text("export FROM_SCRIPT=1\n")
+    img = imagetools.mksquashfs(str(root), os.path.join(shared_dir, "ticket-no-sh-%d.sqfs" % os.getpid()))
+    try:
+        r, k, path = via_front([img, "true"])
+        assert r.returncode == 0 and "no /bin/sh" in r.stderr, r.stderr
+        assert not os.path.exists(path)
+    finally:
+        os.unlink(img)
