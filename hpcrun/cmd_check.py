@@ -88,10 +88,28 @@ def _entry(rep):
         rep.add("entry", "Python without -I -S (pip's console script?): PYTHON* variables act, every rank reads "
                 "site-packages; run hpcrun install-entry (docs/install.md)", "warn")
     elif any(type(f).__name__ == "Bundle" and type(f).__module__ == "hpcrun.entry" for f in sys.meta_path):
-        rep.add("entry", "Python -I -S, the rank's modules from the bundle")
+        rep.add("entry", _front() + "Python -I -S, the rank's modules from the bundle")
     else:
         rep.add("entry", "Python -I -S, modules from their files: the bundle is missing, stale or of another "
                 "Python; rerun hpcrun install-entry (docs/install.md)", "warn")
+
+
+def _front():
+    """'compiled join-only front ...; ' when this Python entry is bin/hpcrun-py behind the
+    front install-entry compiled (bin/hpcrun an ELF file), else ''."""
+    import os
+    import sys
+    here = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.basename(here) != "hpcrun-py":
+        return ""
+    front = os.path.join(os.path.dirname(here), "hpcrun")
+    try:
+        with open(front, "rb") as f:
+            if f.read(4) != b"\x7fELF":
+                return ""
+    except OSError:
+        return ""
+    return "compiled join-only front %s, else " % front
 
 
 def _namespaces(rep):

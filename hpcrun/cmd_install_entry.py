@@ -1,4 +1,4 @@
-"""hpcrun install-entry [--bin DIR]: the fast, isolated `hpcrun` (docs/install.md).
+"""hpcrun install-entry [--bin DIR] [--no-front]: the fast, isolated `hpcrun` (docs/install.md).
 
 Run once after `pip install`, by whoever owns the install.  It writes
 
@@ -7,6 +7,9 @@ Run once after `pip install`, by whoever owns the install.  It writes
   DIR/hpcrun, DIR/run-singularity    `#!<python> -IS` and entry.BOOT, in place
         of pip's console scripts (DIR: where the hpcrun that runs this lives;
         <python>: the real interpreter behind this venv's)
+  with a C compiler (cc, else gcc) and without --no-front: DIR/hpcrun is the
+        compiled join-only front (hpcrun/front/front.c), the script above is
+        DIR/hpcrun-py, and the front execs it for every rank it does not serve
 
 each atomically (temp file + rename).  `pip install` again puts pip's script
 back and leaves the bundle stale (the package directory changed), never used.
@@ -54,6 +57,44 @@ def write_bundle(pkg):
     return path, len(entry.RANK_MODULES)
 
 
+def c_string(text):
+    """text as a C string literal (a -D value: argv, no shell)."""
+    out = []
+    for b in os.fsencode(text):
+        c = chr(b)
+        out.append("\\" + c if c in '"\\' else c if 32 <= b < 127 and c != "?" else "\\%03o" % b)
+    return '"%s"' % "".join(out)
+
+
+def compiler():
+    import shutil
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def build_front(cc, pkg, site, bin_dir):
+    """Compile the front into a temp file in bin_dir; its path, or (None, why)."""
+    import subprocess
+    tmp = os.path.join(bin_dir, "hpcrun.tmp-%d" % os.getpid())
+    cmd = [cc, "-O2", "-DPY_ENTRY=" + c_string(os.path.join(bin_dir, "hpcrun-py")), "-DSITE=" + c_string(site),
+           "-o", tmp, os.path.join(pkg, "front", "front.c")]
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        r = None
+        why = str(e)
+    if r is not None and r.returncode == 0:
+        os.chmod(tmp, 0o755)
+        return tmp, None
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+    if r is not None:
+        lines = r.stderr.decode(errors="replace").strip().splitlines()
+        why = "%s exited %d: %s" % (cc, r.returncode, lines[-1] if lines else "")
+    return None, why
+
+
 # the scripts pip's console_scripts make (setup.cfg), and the function in cli.py each runs
 SCRIPTS = (("hpcrun", "main"), ("run-singularity", "run_singularity"))
 
@@ -72,7 +113,7 @@ def interpreter():
 
 def default_bin():
     here = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else ""   # a link: its file
-    if os.path.basename(here) == "hpcrun":
+    if os.path.basename(here) in ("hpcrun", "hpcrun-py"):       # hpcrun-py: started by the front
         return os.path.dirname(here)
     import sysconfig
     return sysconfig.get_path("scripts")
@@ -80,6 +121,7 @@ def default_bin():
 
 def main(argv):
     bin_dir = None
+    front = True
     args = list(argv)
     while args:
         a = args.pop(0)
@@ -90,8 +132,10 @@ def main(argv):
             bin_dir = args.pop(0)
         elif a.startswith("--bin="):
             bin_dir = a[6:]
+        elif a == "--no-front":
+            front = False
         else:
-            raise errors.Error(errors.USAGE, "usage: hpcrun install-entry [--bin DIR]", a)
+            raise errors.Error(errors.USAGE, "usage: hpcrun install-entry [--bin DIR] [--no-front]", a)
     bin_dir = os.path.abspath(bin_dir or default_bin())
     python = interpreter()
     if not python or len("#!%s -IS\n" % python) > SHEBANG_MAX or any(c.isspace() for c in python):
@@ -103,13 +147,42 @@ def main(argv):
         raise errors.Error(errors.CANTCREATE, "cannot install the entry: the directory is not writable", bin_dir)
     pkg = package_dir()
     site = os.path.dirname(pkg)
+    cc = compiler() if front else None
+    built = why = None
     try:
         path, n = write_bundle(pkg)
+        if cc:
+            built, why = build_front(cc, pkg, site, bin_dir)
         for name, function in SCRIPTS:
-            _write_atomic(os.path.join(bin_dir, name), entry_script(python, site, function).encode(), 0o755)
+            # with the front, the script is hpcrun-py, written before the front that execs it
+            target = "hpcrun-py" if built and name == "hpcrun" else name
+            _write_atomic(os.path.join(bin_dir, target), entry_script(python, site, function).encode(), 0o755)
+        if built:
+            os.rename(built, os.path.join(bin_dir, "hpcrun"))
+            built = None
+        else:
+            try:
+                os.unlink(os.path.join(bin_dir, "hpcrun-py"))      # a former front's: stale
+            except FileNotFoundError:
+                pass
     except OSError as e:
         raise errors.Error(errors.CANTCREATE, "cannot install the entry: %s" % e.strerror, e.filename or bin_dir)
+    finally:
+        if built:
+            os.unlink(built)
     print("hpcrun: %s: %d modules in one file" % (path, n))
-    print("hpcrun: %s: #!%s -IS (python isolated, no site)" % (
-        ", ".join(os.path.join(bin_dir, name) for name, _ in SCRIPTS), python))
+    scripts = [os.path.join(bin_dir, name) for name, _ in SCRIPTS]
+    if os.path.isfile(os.path.join(bin_dir, "hpcrun-py")):
+        scripts[0] += "-py"
+    print("hpcrun: %s: #!%s -IS (python isolated, no site)" % (", ".join(scripts), python))
+    hpcrun = os.path.join(bin_dir, "hpcrun")
+    if not front:
+        print("hpcrun: %s: the Python entry (--no-front)" % hpcrun)
+    elif not cc:
+        print("hpcrun: %s: the Python entry (no C compiler: cc or gcc)" % hpcrun)
+    elif why:
+        print("hpcrun: %s: the Python entry (the compiled front did not build: %s)" % (hpcrun, why))
+    else:
+        print("hpcrun: %s: the compiled join-only front (%s); every rank it does not serve runs %s-py"
+              % (hpcrun, cc, hpcrun))
     return 0

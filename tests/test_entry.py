@@ -33,7 +33,9 @@ def _entry_head(path):
 
 @pytest.mark.parametrize("name", ["hpcrun", "run-singularity"])
 def test_installed_entry_is_isolated(hpcrun_bin, name):
-    first, site = _entry_head(os.path.join(os.path.dirname(hpcrun_bin), name))
+    python_entry = os.path.join(os.path.dirname(hpcrun_bin), name + "-py")     # behind the compiled front
+    first, site = _entry_head(python_entry if os.path.isfile(python_entry) else
+                              os.path.join(os.path.dirname(hpcrun_bin), name))
     python = first[2:].split()[0]
     assert first == "#!%s -IS" % python, first
     assert os.access(python, os.X_OK) and not python.startswith(sys.prefix + "/"), python   # not the venv's
@@ -46,7 +48,8 @@ def test_check_names_the_entry(hpcrun_bin, copied_install):
     import json
     r = subprocess.run([hpcrun_bin, "check", "--json"], capture_output=True, text=True, timeout=60, cwd="/")
     rows = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
-    assert rows["entry"] == {"name": "entry", "value": "Python -I -S, the rank's modules from the bundle",
+    front = os.path.isfile(hpcrun_bin + "-py") and "compiled join-only front %s, else " % hpcrun_bin or ""
+    assert rows["entry"] == {"name": "entry", "value": front + "Python -I -S, the rank's modules from the bundle",
                              "status": "ok"}
     site, bin_dir, run, install = copied_install          # installed, then the package changes: stale
     assert install().returncode == 0
@@ -63,6 +66,8 @@ def _calls_before_exec(trace):
 
 
 def test_joining_rank_touches_the_install_tree_10_times(as_user, test_user, hpcrun_bin, busybox_image):
+    if os.path.isfile(hpcrun_bin + "-py"):          # the Python path behind the compiled front (test_front.py)
+        hpcrun_bin += "-py"
     out_dir = tempfile.mkdtemp(prefix="entry-strace-")
     os.chown(out_dir, test_user.pw_uid, test_user.pw_gid)
     out = os.path.join(out_dir, "trace")
@@ -102,7 +107,8 @@ def copied_install(tmp_path):
 
     def install():
         code = "import sys; sys.path.insert(0, sys.argv[1]); from hpcrun.cli import main; sys.exit(main(sys.argv[2:]))"
-        return subprocess.run([python, "-I", "-S", "-c", code, str(site), "install-entry", "--bin", str(bin_dir)],
+        return subprocess.run([python, "-I", "-S", "-c", code, str(site), "install-entry", "--bin", str(bin_dir),
+                               "--no-front"],           # the Python entry's own tests; the front: test_front.py
                               capture_output=True, text=True, timeout=60, cwd="/")
     return site, bin_dir, run, install
 

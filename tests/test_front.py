@@ -1,0 +1,444 @@
+"""The compiled join-only front (hpcrun/front/front.c; docs/install.md, "The compiled front").
+
+`make venv` ran install-entry with gcc present: the venv's bin/hpcrun is the front and
+bin/hpcrun-py the Python entry.  Here, against a real keeper of a user of this module's own
+(hpcrun-front: its run directory is changed in ways that would disturb other tests' users):
+a rank whose ticket holds is served without Python (strace: no exec of hpcrun-py), per-rank
+variables keep their own values, and every doubt -- the ticket itself, its directories, its
+observations on the host and inside, the keeper -- is the Python path (HPCRUN_FRONT_DEBUG
+names which; the launch then is the ordinary one).  Tickets are written with hpcrun.ticket,
+the Python path's own writer.
+"""
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from checks import assert_one_error
+import hpcrun
+
+BIN = os.path.dirname(sys.executable)
+FRONT = os.path.join(BIN, "hpcrun")
+PY_ENTRY = os.path.join(BIN, "hpcrun-py")
+PKG = os.path.dirname(os.path.abspath(hpcrun.__file__))
+USER = "hpcrun-front"
+
+
+def _is_elf(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not (_is_elf(FRONT) and os.path.isfile(PY_ENTRY)),
+                                reason="no compiled front installed (no C compiler when make venv ran)")
+
+try:
+    from hpcrun.ticket import encode, identity, key as compute_key, stamp
+except ImportError:                       # until the Python side lands: the same bytes, by the spec
+    import hashlib
+    import stat as _stat
+
+    PER_RANK = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_NODE_RANK",
+                "OMPI_MCA_ess_base_vpid", "OMPI_MCA_orte_ess_node_rank", "PMIX_RANK", "PMIX_ID", "PMI_RANK",
+                "PMI_FD", "MPI_LOCALRANKID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_TASK_PID", "PBS_TASKNUM",
+                "PBS_VNODENUM")
+
+    def stamp(package_dir):
+        st = os.stat(package_dir)
+        return "%d:%d:%d" % (st.st_dev, st.st_ino, st.st_mtime_ns)
+
+    def compute_key(args, environ, cwd, uid, gid, groups, package_stamp):
+        parts = [b"hpcrun-ticket-1", package_stamp.encode(), b"%d" % uid, b"%d" % gid, b"%d" % len(groups)]
+        parts += [b"%d" % g for g in sorted(groups)] + [b"%d" % len(args)] + [os.fsencode(a) for a in args]
+        parts.append(os.fsencode(cwd))
+        per_rank = {os.fsencode(n) for n in PER_RANK}
+        entries = sorted(k if k in per_rank else k + b"=" + v for k, v in environ.items())
+        parts += [b"%d" % len(entries)] + entries
+        return hashlib.sha256(b"\0".join(parts) + b"\0").hexdigest()
+
+    def identity(st):
+        if _stat.S_ISDIR(st.st_mode):
+            return "D %d %d %d %d %d" % (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid)
+        return "F %d %d %d %d %d %d %d %d" % (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid,
+                                              st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def encode(keeper, observations, cwd, argv, env, passed, expires):
+        fields = ["hpcrun-ticket", "1", "expires", "%d" % expires,
+                  "keeper", keeper[0], "%d" % keeper[1], keeper[2], "1" if keeper[3] else "0"]
+        for obs in observations:
+            fields += list(obs)
+        fields += ["cwd", cwd]
+        for a in argv:
+            fields += ["arg", a]
+        for k, v in env.items():
+            fields += ["pass", k] if k in passed else ["set", "%s=%s" % (k, v)]
+        fields.append("end")
+        return b"".join(os.fsencode(f) + b"\0" for f in fields)
+
+
+class Front:
+    """The module's user, its keeper, and ranks started through the front with an exact environment."""
+
+    def __init__(self, user, image):
+        self.user, self.image = user, image
+        self.uid, self.gid = user.pw_uid, user.pw_gid
+        self.groups = os.getgrouplist(user.pw_name, user.pw_gid)      # setpriv --init-groups
+        self.run_dir = "/tmp/hpcrun-%d" % self.uid
+        self.tickets = os.path.join(self.run_dir, "tickets")
+        self.cwd = os.path.join(user.pw_dir, "front-cwd")              # the home is bound inside
+        self.env = {"PATH": "/usr/bin:/bin", "HOME": user.pw_dir, "LANG": "C.UTF-8", "HPCRUN_LINGER": "300",
+                    "HPCRUN_FRONT_DEBUG": "1"}
+        self.keys = set()
+
+    def cmd(self, argv, env):
+        return ["setpriv", "--reuid=%d" % self.uid, "--regid=%d" % self.gid, "--init-groups", "--",
+                "env", "-i"] + ["%s=%s" % kv for kv in env.items()] + list(argv)
+
+    def run(self, args, env=None, prog=FRONT, trace=None):
+        env = dict(self.env, **(env or {}))
+        prefix = ["strace", "-f", "-qq", "-e", "trace=" + trace[1], "-o", trace[0]] if trace else []
+        return subprocess.run(prefix + self.cmd([prog] + list(args), env), cwd=self.cwd, capture_output=True,
+                              text=True, timeout=120)
+
+    def key_of(self, args, env=None):
+        env = dict(self.env, **(env or {}))
+        k = compute_key(list(args), {os.fsencode(a): os.fsencode(b) for a, b in env.items()}, self.cwd,
+                        self.uid, self.gid, self.groups, stamp(PKG))
+        self.keys.add(k)
+        return k
+
+    def write(self, name, data, mode=0o600):
+        os.makedirs(self.tickets, 0o700, exist_ok=True)
+        os.chown(self.tickets, self.uid, self.gid)
+        path = os.path.join(self.tickets, name)
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.chown(path + ".tmp", self.uid, self.gid)
+        os.chmod(path + ".tmp", mode)
+        os.rename(path + ".tmp", path)
+        return path
+
+    def inside(self, path):
+        return "/proc/%d/root%s" % (self.pid, path)
+
+
+@pytest.fixture(scope="module")
+def front(busybox_image):
+    if os.getuid() != 0:
+        pytest.skip("needs root: a user of its own, run directories of another owner")
+    created = False
+    try:
+        user = pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
+        user, created = pwd.getpwnam(USER), True
+    f = Front(user, busybox_image)
+    os.makedirs(f.cwd, exist_ok=True)
+    os.chown(f.cwd, f.uid, f.gid)
+    # the keeper: a first launch (the Python path) as a rank (the plan depends on PMIX_RANK's presence),
+    # then its key and record
+    r = f.run([busybox_image, "true"], env={"PMIX_RANK": "0"})
+    assert r.returncode == 0, r.stderr
+    r = f.run(["--dry-run", busybox_image, "true"], env={"PMIX_RANK": "0"}, prog=PY_ENTRY)
+    f.key = json.loads(r.stdout)["key"]
+    with open(os.path.join(f.run_dir, f.key + ".pid")) as rec:
+        pid, f.start = rec.read().split()
+    f.pid = int(pid)
+    try:
+        yield f
+    finally:
+        for k in f.keys:
+            for name in (k, k + ".tmp"):
+                try:
+                    os.unlink(os.path.join(f.tickets, name))
+                except FileNotFoundError:
+                    pass
+        # the user is this module's own: its processes (the keeper) are ours to end, then its run directory
+        for _ in range(100):
+            mine = [int(p) for p in os.listdir("/proc") if p.isdigit() and _owner("/proc/" + p) == f.uid]
+            if not mine:
+                break
+            for pid in mine:
+                try:
+                    os.kill(pid, 15)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        shutil.rmtree(f.cwd, ignore_errors=True)
+        shutil.rmtree(f.run_dir, ignore_errors=True)
+        if created:
+            subprocess.run(["userdel", "-r", USER], capture_output=True)
+
+
+def _owner(path):
+    try:
+        return os.stat(path).st_uid
+    except OSError:
+        return None
+
+
+PROG = ["/bin/sh", "-c", 'echo "served $PMIX_RANK $X $PWD"']
+ARGS = [None, "/bin/sh", "-c", "echo this is the launch as asked"]      # [0]: the image
+
+
+def _observations(f):
+    """One of each OP on both sides, with the outcomes Python would record."""
+    home = f.user.pw_dir
+    for name, text in (("probe", "host"), ("inside-probe", "inside")):
+        p = os.path.join(f.cwd, name)
+        if not os.path.exists(p):
+            with open(p, "w") as out:
+                out.write(text)
+            os.chown(p, f.uid, f.gid)
+    link = os.path.join(f.cwd, "link")
+    for path, target in ((link, "probe"), (os.path.join(f.cwd, "abs-link"), "/bin/busybox")):
+        if not os.path.islink(path):
+            os.symlink(target, path)
+            os.lchown(path, f.uid, f.gid)
+    names = "N" + "/".join(sorted(os.listdir(f.cwd)))
+    obs = [("host", "stat", ".", identity(os.stat(f.cwd))),
+           ("host", "stat", f.image, identity(os.stat(f.image))),
+           ("host", "stat", "probe", identity(os.stat(os.path.join(f.cwd, "probe")))),
+           ("host", "lstat", "link", identity(os.lstat(link))),
+           ("host", "readlink", "link", "Lprobe"),
+           ("host", "readlink", "probe", "E22"),
+           ("host", "access4", "probe", "1"),
+           ("host", "access2", f.image, "0"),
+           ("host", "open", "link", identity(os.stat(os.path.join(f.cwd, "probe")))),
+           ("host", "openl", "link", "E40"),
+           ("host", "listdir", ".", names),
+           ("host", "stat", "no-such", "E2")]
+    ipath = f.cwd + "/inside-probe"
+    obs += [("inside", "stat", "/bin/busybox", identity(os.stat(f.inside("/bin/busybox")))),
+            ("inside", "stat", ipath, identity(os.stat(f.inside(ipath)))),
+            ("inside", "lstat", f.cwd + "/link", identity(os.lstat(f.inside(f.cwd + "/link")))),
+            ("inside", "readlink", f.cwd + "/link", "Lprobe"),
+            ("inside", "access1", "/bin/sh", "1"),
+            ("inside", "access2", "/bin/busybox", "0"),
+            ("inside", "open", f.cwd + "/link", identity(os.stat(f.inside(f.cwd + "/probe")))),
+            ("inside", "openl", f.cwd + "/link", "E40"),
+            ("inside", "listdir", f.cwd, names),
+            ("inside", "chdir", f.cwd, "0"),
+            ("inside", "stat", f.cwd + "/abs-link", identity(os.stat(f.inside("/bin/busybox")))),  # in its root
+            ("inside", "stat", "/no-such", "E2")]
+    return obs
+
+
+def _ticket(f, obs=None, args=None, keeper=None, expires=None, env=None, passed=("PMIX_RANK",)):
+    env = env if env is not None else {"PATH": "/bin", "X": "from-ticket", "PMIX_RANK": "0", "PWD": f.cwd}
+    return encode(keeper or (f.key, f.pid, f.start, True), _observations(f) if obs is None else obs, f.cwd,
+                  args or PROG, env, set(passed), expires or int(time.time()) + 600)
+
+
+def _served(f, rank="3", env=None, trace=None):
+    args = [f.image] + ARGS[1:]
+    return f.run(args, env=dict({"PMIX_RANK": rank}, **(env or {})), trace=trace)
+
+
+def _miss(r, why):
+    assert "hpcrun: front: python path: " + why in r.stderr, r.stderr
+    assert r.returncode == 0 and r.stdout == "this is the launch as asked\n", (r.stdout, r.stderr)
+
+
+def test_a_held_ticket_is_served_without_python(front, tmp_path):
+    f = front
+    k = f.key_of([f.image] + ARGS[1:], {"PMIX_RANK": "0"})
+    assert k == f.key_of([f.image] + ARGS[1:], {"PMIX_RANK": "99"})       # per-rank values are not in K
+    f.write(k, _ticket(f))
+    trace = str(tmp_path / "trace")
+    r = _served(f, "3", trace=(trace, "execve,open,openat,stat,lstat,newfstatat,statx,readlink,access,faccessat2"))
+    assert (r.returncode, r.stdout, r.stderr) == (0, "served 3 from-ticket %s\n" % f.cwd, "")
+    with open(trace) as t:
+        lines = t.read().splitlines()
+    execs = [ln for ln in lines if "execve(" in ln and ln.endswith("= 0")]      # setpriv, env, the front, sh
+    assert ('"%s"' % FRONT) in execs[-2] and '"/bin/sh"' in execs[-1], execs
+    assert not [ln for ln in execs if "hpcrun-py" in ln or "python" in ln], execs
+    # the install tree: the package directory's stamp for K, nothing else
+    on_install = [ln for ln in lines if os.path.dirname(PKG) in ln and "execve(" not in ln]
+    assert len(on_install) == 1 and '/hpcrun"' in on_install[0], on_install
+    # another rank's value of a per-rank variable: the same ticket, its own value
+    r = _served(f, "7")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "served 7 from-ticket %s\n" % f.cwd, "")
+
+
+def test_a_changed_variable_is_another_key(front):
+    f = front
+    f.write(f.key_of([f.image] + ARGS[1:], {"PMIX_RANK": "0"}), _ticket(f))
+    _miss(_served(f, env={"OMPI_MCA_foo": "1"}), "no ticket")
+    _miss(f.run([f.image] + ARGS[1:] + [""], env={"PMIX_RANK": "0"}), "no ticket")
+
+
+def _cut(data, what):
+    fields = data.split(b"\0")[:-1]
+    if what == "magic":
+        fields[1] = b"2"
+    elif what == "tag":
+        fields.insert(fields.index(b"cwd"), b"host2")
+    elif what == "truncated":
+        cut = data[:len(data) // 2]
+        return cut[:-1] if cut.endswith(b"\0") else cut
+    elif what == "no end":
+        fields = fields[:-1]
+    elif what == "trailing":
+        return data + b"x"
+    elif what == "trailing field":
+        fields.append(b"end")
+    elif what == "no arg":
+        i = fields.index(b"arg")
+        del fields[i:i + 6]
+    elif what == "relative inside":
+        fields[fields.index(b"inside") + 2] = b"bin/busybox"
+    elif what == "bad key":
+        fields[5] = b"../" + fields[5]
+    elif what == "unknown op":
+        fields[fields.index(b"host") + 1] = b"statx"
+    return b"".join(x + b"\0" for x in fields)
+
+
+@pytest.mark.parametrize("what,why", [
+    ("magic", "ticket header"), ("tag", "ticket cwd"), ("truncated", "ticket truncated"),
+    ("no end", "ticket body"), ("trailing", "ticket truncated"), ("trailing field", "ticket body"),
+    ("no arg", "ticket body"), ("relative inside", "an inside observation changed"),
+    ("bad key", "ticket keeper"), ("unknown op", "a host observation changed")])
+def test_a_ticket_it_cannot_read_exactly_is_the_python_path(front, what, why):
+    f = front
+    f.write(f.key_of([f.image] + ARGS[1:], {"PMIX_RANK": "0"}), _cut(_ticket(f), what))
+    _miss(_served(f), why)
+
+
+def test_expired_ticket(front):
+    f = front
+    f.write(f.key_of([f.image] + ARGS[1:], {"PMIX_RANK": "0"}), _ticket(f, expires=int(time.time())))
+    _miss(_served(f), "ticket expired")
+
+
+def test_observations_that_no_longer_hold(front):
+    f = front
+    k = f.key_of([f.image] + ARGS[1:], {"PMIX_RANK": "0"})
+    f.write(k, _ticket(f))
+    assert _served(f).stdout.startswith("served")
+    with open(os.path.join(f.cwd, "probe"), "a") as out:          # a host file changed
+        out.write("!")
+    _miss(_served(f), "a host observation changed")
+    f.write(k, _ticket(f))
+    assert _served(f).stdout.startswith("served")
+    with open(os.path.join(f.cwd, "inside-probe"), "a") as out:   # seen inside only (the home's bind)
+        out.write("!")
+    r = _served(f)
+    _miss(r, "an inside observation changed")
+    assert "inside stat %s/inside-probe" % f.cwd in r.stderr
+    f.write(k, _ticket(f))                                         # a file that went
+    assert _served(f).stdout.startswith("served")
+    os.rename(os.path.join(f.cwd, "probe"), os.path.join(f.cwd, "probe.old"))
+    _miss(_served(f), "a host observation changed")
+    os.rename(os.path.join(f.cwd, "probe.old"), os.path.join(f.cwd, "probe"))
+
+
+def test_keeper_dead_or_another(front):
+    f = front
+    k = f.key_of([f.image] + ARGS[1:], {"PMIX_RANK": "0"})
+    f.write(k, _ticket(f, keeper=(f.key, f.pid, str(int(f.start) + 1), True)))     # its PID reused
+    _miss(_served(f), "keeper gone or another")
+    f.write(k, _ticket(f, keeper=(f.key, os.getpid(), f.start, True)))
+    _miss(_served(f), "keeper gone or another")
+    f.write(k, _ticket(f, keeper=("0" * 64, f.pid, f.start, True)))               # a key without a lock
+    _miss(_served(f), "no lock file")
+    f.write(k, _ticket(f))
+    assert _served(f).stdout.startswith("served")
+
+
+def test_directories_and_tickets_others_could_write(front, test_user):
+    f = front
+    k = f.key_of([f.image] + ARGS[1:], {"PMIX_RANK": "0"})
+    path = f.write(k, _ticket(f))
+    assert _served(f).stdout.startswith("served")
+    for d, mode in ((f.run_dir, 0o770), (f.run_dir, 0o702), (f.tickets, 0o720)):
+        os.chmod(d, mode)
+        try:
+            r = _served(f)
+        finally:
+            os.chmod(d, 0o700)
+        assert "python path: no private" in r.stderr, r.stderr
+    os.chmod(path, 0o622)
+    _miss(_served(f), "ticket not a private regular file")
+    # planted by another user: a ticket, the tickets directory, the run directory of theirs
+    for p in (path, f.tickets, f.run_dir):
+        os.chmod(path, 0o600)
+        os.chown(p, test_user.pw_uid, test_user.pw_gid)
+        try:
+            r = _served(f)
+        finally:
+            os.chown(p, f.uid, f.gid)
+        assert "hpcrun: front: python path: " in r.stderr and "served" not in r.stdout, r.stderr
+    # a link to a good ticket
+    os.rename(path, path + ".real")
+    os.symlink(k + ".real", path)
+    try:
+        _miss(_served(f), "no ticket")
+    finally:
+        os.unlink(path)
+        os.unlink(path + ".real")
+
+
+def test_after_the_join_errors_are_the_python_paths(front):
+    f = front
+    k = f.key_of([f.image] + ARGS[1:], {"PMIX_RANK": "0"})
+    f.write(k, _ticket(f, args=["/no-such-program"]))
+    r = _served(f)
+    assert_one_error(r, 127, "cannot execute: No such file or directory (/no-such-program)")
+    f.write(k, _ticket(f, args=[f.cwd + "/probe"]))                      # mode 0644
+    assert_one_error(_served(f), 126, "cannot execute: Permission denied (%s/probe)" % f.cwd)
+
+
+def test_python_entry_that_cannot_start(tmp_path):
+    out = tmp_path / "front"
+    subprocess.run(["cc", "-O2", '-DPY_ENTRY="%s/no-such/hpcrun-py"' % tmp_path, '-DSITE="%s"' % tmp_path,
+                    "-o", str(out), os.path.join(PKG, "front", "front.c")], check=True)
+    r = subprocess.run([str(out), "version"], capture_output=True, text=True, timeout=60)
+    assert_one_error(r, 70, "cannot start the Python entry: No such file or directory (%s/no-such/hpcrun-py)"
+                     % tmp_path)
+
+
+def test_install_entry_builds_the_front_or_not(tmp_path):
+    site, bin_dir = tmp_path / "site", tmp_path / "bin"
+    shutil.copytree(PKG, site / "hpcrun", ignore=shutil.ignore_patterns("__pycache__"))
+    bin_dir.mkdir()
+    python = os.path.realpath(sys.executable)
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from hpcrun.cli import main; sys.exit(main(sys.argv[2:]))"
+
+    def install(*extra, path=os.environ["PATH"]):
+        return subprocess.run([python, "-I", "-S", "-c", code, str(site), "install-entry", "--bin", str(bin_dir)]
+                              + list(extra), capture_output=True, text=True, timeout=300, cwd="/",
+                              env={"PATH": path})
+
+    def version():
+        return subprocess.run([str(bin_dir / "hpcrun"), "version"], capture_output=True, text=True, timeout=60,
+                              env={"HPCRUN_FRONT_DEBUG": "1"}, cwd="/")
+
+    r = install()
+    assert r.returncode == 0 and "the compiled join-only front" in r.stdout, r.stdout + r.stderr
+    assert sorted(os.listdir(bin_dir)) == ["hpcrun", "hpcrun-py", "run-singularity"]
+    assert _is_elf(bin_dir / "hpcrun")
+    with open(bin_dir / "hpcrun-py") as s:
+        assert "SITE = %r" % str(site) in s.read()
+    r = version()
+    assert (r.returncode, r.stdout) == (0, "hpcrun %s\n" % hpcrun.VERSION), r.stderr
+    assert "python path: no private" in r.stderr or "python path: no ticket" in r.stderr, r.stderr
+    for extra, path, said in ((["--no-front"], os.environ["PATH"], "(--no-front)"),
+                              ([], "/nonexistent", "(no C compiler: cc or gcc)")):
+        r = install(*extra, path=path)
+        assert r.returncode == 0 and "the Python entry " + said in r.stdout, r.stdout + r.stderr
+        assert sorted(os.listdir(bin_dir)) == ["hpcrun", "run-singularity"]
+        assert not _is_elf(bin_dir / "hpcrun")
+        r = version()
+        assert (r.returncode, r.stdout, r.stderr) == (0, "hpcrun %s\n" % hpcrun.VERSION, "")
+        assert install().returncode == 0 and _is_elf(bin_dir / "hpcrun")
