@@ -41,48 +41,7 @@ def _is_elf(path):
 pytestmark = pytest.mark.skipif(not (_is_elf(FRONT) and os.path.isfile(PY_ENTRY)),
                                 reason="no compiled front installed (no C compiler when make venv ran)")
 
-try:
-    from hpcrun.ticket import encode, identity, key as compute_key, stamp
-except ImportError:                       # until the Python side lands: the same bytes, by the spec
-    import hashlib
-    import stat as _stat
-
-    PER_RANK = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_NODE_RANK",
-                "OMPI_MCA_ess_base_vpid", "OMPI_MCA_orte_ess_node_rank", "PMIX_RANK", "PMIX_ID", "PMI_RANK",
-                "PMI_FD", "MPI_LOCALRANKID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_TASK_PID", "PBS_TASKNUM",
-                "PBS_VNODENUM")
-
-    def stamp(package_dir):
-        st = os.stat(package_dir)
-        return "%d:%d:%d" % (st.st_dev, st.st_ino, st.st_mtime_ns)
-
-    def compute_key(args, environ, cwd, uid, gid, groups, package_stamp):
-        parts = [b"hpcrun-ticket-1", package_stamp.encode(), b"%d" % uid, b"%d" % gid, b"%d" % len(groups)]
-        parts += [b"%d" % g for g in sorted(groups)] + [b"%d" % len(args)] + [os.fsencode(a) for a in args]
-        parts.append(os.fsencode(cwd))
-        per_rank = {os.fsencode(n) for n in PER_RANK}
-        entries = sorted(k if k in per_rank else k + b"=" + v for k, v in environ.items())
-        parts += [b"%d" % len(entries)] + entries
-        return hashlib.sha256(b"\0".join(parts) + b"\0").hexdigest()
-
-    def identity(st):
-        if _stat.S_ISDIR(st.st_mode):
-            return "D %d %d %d %d %d" % (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid)
-        return "F %d %d %d %d %d %d %d %d" % (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid,
-                                              st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-    def encode(keeper, observations, cwd, argv, env, passed, expires):
-        fields = ["hpcrun-ticket", "1", "expires", "%d" % expires,
-                  "keeper", keeper[0], "%d" % keeper[1], keeper[2], "1" if keeper[3] else "0"]
-        for obs in observations:
-            fields += list(obs)
-        fields += ["cwd", cwd]
-        for a in argv:
-            fields += ["arg", a]
-        for k, v in env.items():
-            fields += ["pass", k] if k in passed else ["set", "%s=%s" % (k, v)]
-        fields.append("end")
-        return b"".join(os.fsencode(f) + b"\0" for f in fields)
+from hpcrun.ticket import encode, identity, key as compute_key, stamp  # the Python path's own writer
 
 
 class Front:
