@@ -401,3 +401,20 @@ def test_install_entry_builds_the_front_or_not(tmp_path):
         r = version()
         assert (r.returncode, r.stdout, r.stderr) == (0, "hpcrun %s\n" % hpcrun.VERSION, "")
         assert install().returncode == 0 and _is_elf(bin_dir / "hpcrun")
+
+
+def test_the_python_paths_ticket_serves_the_next_rank(front, tmp_path):
+    """End to end: the first rank (no ticket) is the Python path, which writes the ticket; the next
+    ranks, another value of a per-rank variable each, are served by the front from it."""
+    f = front
+    args = [f.image, "/bin/sh", "-c", 'echo "e2e $PMIX_RANK"']
+    k = f.key_of(args, {"PMIX_RANK": "0"})
+    r = f.run(args, env={"PMIX_RANK": "0"})
+    assert (r.returncode, r.stdout) == (0, "e2e 0\n") and "python path: no ticket" in r.stderr, r.stderr
+    assert os.path.isfile(os.path.join(f.tickets, k))
+    trace = str(tmp_path / "trace")
+    for rank in ("1", "2"):
+        r = f.run(args, env={"PMIX_RANK": rank}, trace=(trace, "execve"))
+        assert (r.returncode, r.stdout, r.stderr) == (0, "e2e %s\n" % rank, ""), r.stderr
+        with open(trace) as t:
+            assert not [ln for ln in t if "hpcrun-py" in ln], "ran the Python path"
