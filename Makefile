@@ -53,6 +53,7 @@ $(STAMP): $(VENV)/.base $(PKG_FILES)
 	$(VENV)/bin/python -m compileall -q $$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/hpcrun >/dev/null
 	@# The install step users take after pip (docs/install.md): bin/hpcrun starts Python with -I -S
 	@# and loads the rank's modules from one file.  Last: the bundle records the package's state.
+	@# With gcc (APT_PKGS) it also compiles the join-only front: bin/hpcrun, the Python entry bin/hpcrun-py.
 	$(VENV)/bin/hpcrun install-entry >/dev/null
 	@touch $@
 
