@@ -360,7 +360,7 @@ def test_after_the_join_errors_are_the_python_paths(front):
 
 def test_python_entry_that_cannot_start(tmp_path):
     out = tmp_path / "front"
-    subprocess.run(["cc", "-O2", '-DPY_ENTRY="%s/no-such/hpcrun-py"' % tmp_path, '-DSITE="%s"' % tmp_path,
+    subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-Werror", '-DPY_ENTRY="%s/no-such/hpcrun-py"' % tmp_path, '-DSITE="%s"' % tmp_path,
                     "-o", str(out), os.path.join(PKG, "front", "front.c")], check=True)
     r = subprocess.run([str(out), "version"], capture_output=True, text=True, timeout=60)
     assert_one_error(r, 70, "cannot start the Python entry: No such file or directory (%s/no-such/hpcrun-py)"
@@ -392,8 +392,14 @@ def test_install_entry_builds_the_front_or_not(tmp_path):
     r = version()
     assert (r.returncode, r.stdout) == (0, "hpcrun %s\n" % hpcrun.VERSION), r.stderr
     assert "python path: no private" in r.stderr or "python path: no ticket" in r.stderr, r.stderr
+    failing = tmp_path / "failing-cc"
+    failing.mkdir()
+    (failing / "cc").write_text("#!/bin/sh\necho 'front.c: boom' >&2\nexit 1\n")
+    os.chmod(failing / "cc", 0o755)
     for extra, path, said in ((["--no-front"], os.environ["PATH"], "(--no-front)"),
-                              ([], "/nonexistent", "(no C compiler: cc or gcc)")):
+                              ([], "/nonexistent", "(no C compiler: cc or gcc)"),
+                              ([], str(failing), "(the compiled front did not build: %s/cc exited 1: front.c: boom)"
+                               % failing)):
         r = install(*extra, path=path)
         assert r.returncode == 0 and "the Python entry " + said in r.stdout, r.stdout + r.stderr
         assert sorted(os.listdir(bin_dir)) == ["hpcrun", "run-singularity"]
