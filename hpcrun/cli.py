@@ -131,12 +131,13 @@ def parse(argv, mode):
 
 
 def main(argv=None):
-    # The compiled front's mark (ticket.py): ours alone, never the program's or the plan's.
-    claimed = os.environ.pop("_HPCRUN_TICKET", None)
+    claim = _front_claim()
+    if os.environ.get("LC_CTYPE") == "C.UTF-8":
+        _undo_locale_coercion()
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv[:argv.index("--")] if "--" in argv else "--debug" in argv
     try:
-        code = _dispatch(argv, claimed)
+        code = _dispatch(argv, claim)
         sys.stdout.flush()       # a reader that left shows up here, not at interpreter exit
         return code
     except errors.Error as e:
@@ -156,8 +157,47 @@ def main(argv=None):
         return errors.SOFTWARE
 
 
-def _dispatch(argv, claimed=None):
+def _front_claim():
+    """The compiled front's mark (ticket.py), ours alone, never the program's or the plan's:
+    removed first thing.  (K, the lock fd the job's other ranks wait on, or None) or None."""
+    mark = os.environ.pop("_HPCRUN_TICKET", None)
+    if not mark:
+        return None
+    k, _, fd = mark.partition(":")
+    lock = int(fd) if fd.isdigit() and 2 < int(fd) < 1 << 20 else None
+    if lock is not None:
+        try:
+            os.set_inheritable(lock, False)     # never into the program, the keeper, a subcommand's children
+        except OSError:
+            lock = None
+    return k, lock
+
+
+def _release(claim):
+    """Let the job's waiting ranks go on (no ticket comes from here)."""
+    if claim and claim[1] is not None:
+        try:
+            os.close(claim[1])
+        except OSError:
+            pass
+
+
+def _undo_locale_coercion():
+    """Python sets LC_CTYPE=C.UTF-8 where the caller's locale is C or unset (PEP 538): that is
+    Python's, not the caller's, and must not reach the program.  The environment hpcrun was
+    started with is /proc/self/environ."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            started = f.read().split(b"\0")
+    except OSError:
+        return
+    if not any(e.startswith(b"LC_CTYPE=") for e in started):
+        del os.environ["LC_CTYPE"]
+
+
+def _dispatch(argv, claim=None):
     if os.environ.get("HPCRUN_TASK_ARGV0") is not None and argv[:1] != ["task-entry"]:
+        _release(claim)
         return _sub("task-entry", argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -172,11 +212,12 @@ def _dispatch(argv, claimed=None):
         # --debug is main's (tracebacks), for every command: not the subcommand's option to refuse
         rest = argv[1:]
         cut = rest.index("--") if "--" in rest else len(rest)
+        _release(claim)
         return _sub(argv[0], [a for a in rest[:cut] if a != "--debug"] + rest[cut:])
     else:
         mode, rest = "exec", argv
     from hpcrun import launch
-    return launch.launch(parse(rest, mode), (claimed, argv) if claimed else None)
+    return launch.launch(parse(rest, mode), claim and (claim, argv))
 
 
 def _stdout_gone():

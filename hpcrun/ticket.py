@@ -114,7 +114,7 @@ class Recorder:
         self.spoiled = None
         self.where = "host"
         self.inside_cwd = "/"
-        self.keeper = self.run_dir_fd = None
+        self.keeper = self.run_dir_fd = self.lock = None
         self.saved = None
 
     # --- the wrappers -------------------------------------------------------------------
@@ -256,9 +256,11 @@ class Recorder:
             self.run_dir_fd = os.dup(dir_fd)
 
     def discard(self):
-        if self.run_dir_fd is not None:
-            os.close(self.run_dir_fd)
-            self.run_dir_fd = None
+        """Done: the run directory and the first-wave lock let go (the waiting ranks look again)."""
+        for fd in (self.run_dir_fd, self.lock):
+            if fd is not None:
+                os.close(fd)
+        self.run_dir_fd = self.lock = None
 
     # --- the ticket ---------------------------------------------------------------------
     def write(self, cwd, argv, env, caller_env):
@@ -332,18 +334,21 @@ def prune(tickets_fd):
             pass
 
 
-def start(claimed, args, opts):
-    """A Recorder when the front started us with a K that this launch matches, else None."""
-    if (not claimed or len(claimed) != 64 or opts.dry_run or opts.verbose or opts.debug
-            or os.environ.get("HPCRUN_TASK_ARGV0") is not None):
-        return None
-    try:
-        import hpcrun
-        here = key(args, os.environb, os.getcwd(), os.getuid(), os.getgid(), os.getgroups(),
-                   stamp(os.path.dirname(hpcrun.__file__)))
-    except (OSError, ValueError):
-        return None
-    if here != claimed:
-        return None
-    rec = Recorder(claimed, args)
+def start(claimed, lock, args, opts):
+    """A Recorder when the front started us with a K that this launch matches, else None.
+    lock: the fd the job's other ranks wait on (front.c, first_wave), closed once the ticket
+    is written or known not to come."""
+    rec = None
+    if claimed and len(claimed) == 64 and not (opts.dry_run or opts.verbose or opts.debug):
+        try:
+            import hpcrun
+            here = key(args, os.environb, os.getcwd(), os.getuid(), os.getgid(), os.getgroups(),
+                       stamp(os.path.dirname(hpcrun.__file__)))
+        except (OSError, ValueError):
+            here = None
+        if here == claimed:
+            rec = Recorder(claimed, args)
+            rec.lock = lock
+    if rec is None and lock is not None:
+        os.close(lock)
     return rec

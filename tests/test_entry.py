@@ -48,7 +48,7 @@ def test_check_names_the_entry(hpcrun_bin, copied_install):
     import json
     r = subprocess.run([hpcrun_bin, "check", "--json"], capture_output=True, text=True, timeout=60, cwd="/")
     rows = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
-    front = os.path.isfile(hpcrun_bin + "-py") and "compiled join-only front %s, else " % hpcrun_bin or ""
+    front = os.path.isfile(hpcrun_bin + "-py") and "compiled join-only front %s, else " % os.path.normpath(hpcrun_bin) or ""
     assert rows["entry"] == {"name": "entry", "value": front + "Python -I -S, the rank's modules from the bundle",
                              "status": "ok"}
     site, bin_dir, run, install = copied_install          # installed, then the package changes: stale

@@ -250,3 +250,86 @@ def test_no_ticket_for_a_launch_that_warns_inside(via_front, busybox_root, share
         assert not os.path.exists(path)
     finally:
         os.unlink(img)
+
+
+WAVE = r"""
+import os, sys
+n, exe, args = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+r, w = os.pipe()
+kids = []
+for i in range(n):
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)                        # EOF: all go at once, as a launcher's ranks do
+        os.environ["OMPI_COMM_WORLD_RANK"] = os.environ["PMIX_RANK"] = str(i)
+        os.execv(exe, [exe] + args)
+    kids.append(pid)
+os.close(r)
+os.close(w)
+print("codes", [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in kids], flush=True)
+"""
+
+
+def test_a_jobs_first_wave_costs_one_python_launch(as_user, hpcrun_bin, busybox_image, test_user):
+    """Ranks of a new job all start before any ticket exists: one runs the Python path and
+    writes it, the others wait for that (front.c, first_wave) and are served; the lock they
+    waited on reaches no program."""
+    if not os.path.exists(hpcrun_bin + "-py"):
+        pytest.skip("no compiled front installed")
+    n = 8
+    program = 'echo rank=$OMPI_COMM_WORLD_RANK; for f in /proc/$$/fd/*; do readlink $f; done; true'
+    env = {"HPCRUN_FRONT_DEBUG": "1", "JOB": "wave-%d-%d" % (os.getpid(), id(program))}
+    r = as_user([sys.executable, "-c", WAVE, str(n), hpcrun_bin, busybox_image, "sh", "-c", program], env=env)
+    assert "codes %s" % ([0] * n) in r.stdout, (r.stdout, r.stderr)
+    ranks = sorted(int(line[5:]) for line in r.stdout.splitlines() if line.startswith("rank="))
+    assert ranks == list(range(n))
+    assert not [line for line in r.stdout.splitlines() if line.endswith(".lock")]
+    python_runs = r.stderr.count("front: python path:") - r.stderr.count("waited for the first rank: done")
+    assert python_runs == 1, r.stderr
+    assert "timed out" not in r.stderr
+
+
+@pytest.mark.parametrize("caller_sets", [False, True])
+def test_pythons_locale_coercion_does_not_reach_the_program(hpcrun_bin, busybox_image, test_user, caller_sets):
+    """Python adds LC_CTYPE=C.UTF-8 to its environment where the caller's locale is unset (PEP 538):
+    the program gets the caller's environment, on the Python path and through the front (K agrees)."""
+    import subprocess
+    from conftest import user_cmd
+    env = {"PATH": "/usr/bin:/bin", "HOME": test_user.pw_dir, "LOC": "case-%d-%s" % (os.getpid(), caller_sets)}
+    if caller_sets:
+        env["LC_CTYPE"] = "C.UTF-8"
+    front = os.path.exists(hpcrun_bin + "-py")
+    if front:
+        env["HPCRUN_FRONT_DEBUG"] = "1"
+    for exe in [hpcrun_bin + "-py", hpcrun_bin] if front else [hpcrun_bin]:
+        for attempt in range(2):           # through the front: a miss (Python writes the ticket), then served
+            r = subprocess.run(user_cmd(test_user, ["env", "-i"] + ["%s=%s" % kv for kv in env.items()]
+                                        + [exe, busybox_image, "env"]),
+                               capture_output=True, text=True, timeout=120, cwd="/")
+            assert r.returncode == 0, r.stderr
+            assert ("LC_CTYPE=C.UTF-8" in r.stdout.splitlines()) == caller_sets, r.stdout
+            if exe == hpcrun_bin and attempt:
+                assert "python path" not in r.stderr, r.stderr
+
+
+def test_front_serves_a_program_owned_by_root_from_a_host_bind(as_user, hpcrun_bin, busybox_image, shared_dir):
+    """Inside, files of owners the container does not map (root's, bound from the host) show as
+    65534; the front, replaying from the host, sees them the same way (front.c, identity)."""
+    if not os.path.exists(hpcrun_bin + "-py"):
+        pytest.skip("no compiled front installed")
+    d = os.path.join(shared_dir, "rootbin-%d" % os.getpid())
+    os.mkdir(d, 0o755)
+    script = os.path.join(d, "hello.sh")
+    with open(script, "w") as f:
+        f.write("#!/bin/sh\necho hello from the host bind\n")
+    os.chmod(script, 0o755)
+    try:
+        env = {"HPCRUN_FRONT_DEBUG": "1", "CASE": d}
+        runs = [as_user([hpcrun_bin, "-B", "%s:/hostbin:ro" % d, busybox_image, "/hostbin/hello.sh"], env=env)
+                for _ in range(2)]
+        for r in runs:
+            assert r.returncode == 0 and r.stdout == "hello from the host bind\n", r.stderr
+        assert "python path" not in runs[1].stderr, runs[1].stderr
+    finally:
+        shutil.rmtree(d)

@@ -16,6 +16,7 @@
 #include <fcntl.h>
 #include <linux/openat2.h>
 #include <sched.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,15 +48,27 @@ static const char *const PER_RANK[] = {
 static char **g_argv;
 static char g_key[65];          /* K, "" when it could not be computed */
 static int g_debug;
+static int g_run_fd = -1;       /* the run directory, once open */
+static int g_userns;            /* the ticket's: inside, ids are seen through the container's namespace */
+static int g_held[4] = {-1, -1, -1, -1};   /* <key>.lock, ns/user, ns/mnt, root: let go before a wait */
+static int g_waited;            /* this rank waited for its job's first rank already */
+static int g_inside;            /* replaying inside observations now */
+static jmp_buf g_again;
+
+#define WAIT_SECONDS 60         /* at most, for a job's first rank to write the ticket */
 
 /* The Python path, unchanged: same argv, the caller's environment (less any _HPCRUN_TICKET
    it brought: that name is ours) plus _HPCRUN_TICKET=K when K is known. */
+static int private_dir(int dir_fd, const char *name);
+static int first_wave(void);
+
 static void __attribute__((noreturn)) python(const char *why)
 {
     size_t n = 0, k = 0;
-    char mark[sizeof MARK "=" + 64];
+    char mark[sizeof MARK "=" + 64 + 16];
     if (g_debug)
         fprintf(stderr, "hpcrun: front: python path: %s\n", why);
+    int writer = first_wave();          /* may not return: a wait, then another look */
     while (environ[n])
         n++;
     char **env = malloc((n + 2) * sizeof *env);
@@ -64,7 +77,10 @@ static void __attribute__((noreturn)) python(const char *why)
             if (strncmp(environ[i], MARK "=", sizeof MARK))
                 env[k++] = environ[i];
         if (g_key[0]) {
-            snprintf(mark, sizeof mark, MARK "=%s", g_key);
+            if (writer >= 0)            /* the ticket's lock goes along: Python lets go of it */
+                snprintf(mark, sizeof mark, MARK "=%s:%d", g_key, writer);
+            else
+                snprintf(mark, sizeof mark, MARK "=%s", g_key);
             env[k++] = mark;
         }
         env[k] = NULL;
@@ -72,6 +88,61 @@ static void __attribute__((noreturn)) python(const char *why)
     execve(PY_ENTRY, g_argv, env ? env : environ);
     fprintf(stderr, "hpcrun: error: cannot start the Python entry: %s (%s)\n", strerror(errno), PY_ENTRY);
     exit(70);
+}
+
+/* A job's ranks start together, before any of them has written the ticket they would
+   share (K holds the job's own variables).  The first to miss takes tickets/<K>.lock
+   exclusively and hands it to the Python path, which lets go once the ticket is written (or
+   once it knows there will be none; exec and exit let go too).  The others wait for that,
+   bounded, holding nothing else, and look again once: a job's first wave so costs one
+   Python launch per node and container, not one per rank.  Returns the writer's lock fd
+   (inheritable now), or -1: the Python path without one. */
+static void on_alarm(int sig) { (void)sig; }
+
+static int first_wave(void)
+{
+    char name[80];
+    struct stat st;
+    if (!g_key[0] || g_run_fd < 0 || g_waited)
+        return -1;
+    if (mkdirat(g_run_fd, "tickets", 0700) && errno != EEXIST)
+        return -1;
+    int dfd = private_dir(g_run_fd, "tickets");
+    if (dfd < 0)
+        return -1;
+    snprintf(name, sizeof name, "%s.lock", g_key);
+    int lock = openat(dfd, name, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+    close(dfd);
+    if (lock < 0)
+        return -1;
+    if (fstat(lock, &st) || !S_ISREG(st.st_mode) || st.st_uid != getuid()) {
+        close(lock);
+        return -1;
+    }
+    if (!flock(lock, LOCK_EX | LOCK_NB))
+        return fcntl(lock, F_SETFD, 0) ? (close(lock), -1) : lock;
+    if (errno != EWOULDBLOCK) {
+        close(lock);
+        return -1;
+    }
+    for (int i = 0; i < 4; i++)          /* the writer may need <key>.lock exclusively */
+        if (g_held[i] >= 0) {
+            close(g_held[i]);
+            g_held[i] = -1;
+        }
+    struct sigaction sa = {.sa_handler = on_alarm}, old;     /* no SA_RESTART: flock gives up */
+    sigaction(SIGALRM, &sa, &old);
+    alarm(WAIT_SECONDS);
+    int got = !flock(lock, LOCK_SH);
+    alarm(0);
+    sigaction(SIGALRM, &old, NULL);
+    close(lock);
+    g_waited = 1;
+    if (g_debug)
+        fprintf(stderr, "hpcrun: front: waited for the first rank: %s\n", got ? "done" : "timed out");
+    if (got)
+        longjmp(g_again, 1);
+    return -1;
 }
 
 /* ------------------------------------------------------------------------------- K --- */
@@ -187,6 +258,15 @@ static char *identity(const struct stat *st)
 {
     char *out;
     int r;
+    if (g_inside && g_userns) {
+        /* as Python saw it, inside: the container's user namespace maps the user's own uid
+           and gid only; any other owner shows as the kernel's overflow ids (65534) */
+        struct stat *v = (struct stat *)st;
+        if (v->st_uid != getuid())
+            v->st_uid = 65534;
+        if (v->st_gid != getgid())
+            v->st_gid = 65534;
+    }
     if (S_ISDIR(st->st_mode))
         r = asprintf(&out, "D %llu %llu %u %u %u", (unsigned long long)st->st_dev, (unsigned long long)st->st_ino,
                      (unsigned)st->st_mode, (unsigned)st->st_uid, (unsigned)st->st_gid);
@@ -445,7 +525,9 @@ static int replay(const struct ticket *t, const char *where, int root)
             return 0;
         if (root < 0 && !strcmp(op, "chdir"))
             return 0;           /* the host cwd is K's; Python moving it there is not replayed */
+        g_inside = root >= 0;
         char *now = observe(root, op, path);
+        g_inside = 0;
         int same = now && !strcmp(now, t->f[i + 3]);
         if (g_debug && !same)
             fprintf(stderr, "hpcrun: front: %s %s %s: %s, now %s\n", where, op, path, t->f[i + 3],
@@ -511,12 +593,16 @@ int main(int argc, char **argv)
     if (!g_key[0])
         python("no K");
 
-    /* 1. the ticket, in the default run directory only */
+    /* 1. the ticket, in the default run directory only (made as node.open_run_dir makes it) */
     snprintf(run_dir, sizeof run_dir, "/tmp/hpcrun-%u", (unsigned)getuid());
-    int run_fd = private_dir(AT_FDCWD, run_dir);
+    if (mkdir(run_dir, 0700) && errno != EEXIST)
+        python("no run directory");
+    int run_fd = g_run_fd = private_dir(AT_FDCWD, run_dir);
     if (run_fd < 0)
         python("no private run directory");
+    setjmp(g_again);                    /* after a wait for the job's first rank: once more */
     read_ticket(run_fd, &t);
+    g_userns = t.userns;
 
     /* 2. the host as Python saw it */
     if (!replay(&t, "host", -1))
@@ -528,11 +614,12 @@ int main(int argc, char **argv)
     for (int tries = 0; lock < 0; tries++) {
         if (tries == 100 || (lock = openat(run_fd, name, O_RDWR | O_NOFOLLOW | O_CLOEXEC)) < 0)
             python("no lock file");
+        g_held[0] = lock;
         if (flock(lock, LOCK_SH) || fstat(lock, &a))
             python("lock");
         if (fstatat(run_fd, name, &b, AT_SYMLINK_NOFOLLOW) || a.st_ino != b.st_ino || a.st_dev != b.st_dev) {
             close(lock);
-            lock = -1;              /* a departing keeper unlinked it: the current one */
+            lock = g_held[0] = -1;  /* a departing keeper unlinked it: the current one */
         }
     }
 
@@ -551,9 +638,9 @@ int main(int argc, char **argv)
         python("keeper gone or another");
 
     /* 5. its namespaces and root, then the container as Python saw it, through that root */
-    int user_ns = t.userns ? open_proc(t.pid, "ns/user", O_RDONLY) : -1;
-    int mnt_ns = open_proc(t.pid, "ns/mnt", O_RDONLY);
-    int root = open_proc(t.pid, "root", O_PATH | O_DIRECTORY);
+    int user_ns = g_held[1] = t.userns ? open_proc(t.pid, "ns/user", O_RDONLY) : -1;
+    int mnt_ns = g_held[2] = open_proc(t.pid, "ns/mnt", O_RDONLY);
+    int root = g_held[3] = open_proc(t.pid, "root", O_PATH | O_DIRECTORY);
     if ((t.userns && user_ns < 0) || mnt_ns < 0 || root < 0)
         python("keeper's namespaces");
     if (!alive(t.pid, t.start))         /* the fds are of that keeper, not of a reused PID */
@@ -561,6 +648,7 @@ int main(int argc, char **argv)
     if (!replay(&t, "inside", root))
         python("an inside observation changed");
     close(root);
+    g_held[3] = -1;
 
     /* 6. join; only a setns(user) that failed leaves us as we were */
     if (t.userns && setns(user_ns, CLONE_NEWUSER))
