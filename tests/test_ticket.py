@@ -333,3 +333,14 @@ def test_front_serves_a_program_owned_by_root_from_a_host_bind(as_user, hpcrun_b
         assert "python path" not in runs[1].stderr, runs[1].stderr
     finally:
         shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("argv,why", [(["version"], "a subcommand"), (["check", "--json"], "a subcommand")])
+def test_front_sends_what_never_has_a_ticket_straight_to_python(as_user, hpcrun_bin, argv, why):
+    """No K, no first-wave lock for a subcommand: the job's other ranks would only wait for nothing."""
+    if not os.path.exists(hpcrun_bin + "-py"):
+        pytest.skip("no compiled front installed")
+    r = as_user([hpcrun_bin] + argv, env={"HPCRUN_FRONT_DEBUG": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith("hpcrun: front: python path: %s\n" % why), r.stderr
+    assert "waited" not in r.stderr

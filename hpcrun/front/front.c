@@ -589,6 +589,16 @@ int main(int argc, char **argv)
     g_debug = getenv("HPCRUN_FRONT_DEBUG") != NULL;
     if (argc < 1)
         python("no argv");
+    /* Never a ticket (cli.py): a Slurm task (the SPANK plugin's task-entry) and the
+       subcommands.  Straight to Python: no K, no first-wave wait for nothing. */
+    static const char *const never[] = {"inspect", "check", "build", "sign", "verify", "version", "task-entry",
+                                        "help", "run-help", "broadcast", "install-entry", "-h", "--help",
+                                        "--version", NULL};
+    if (getenv("HPCRUN_TASK_ARGV0"))
+        python("a Slurm task");
+    for (const char *const *p = never; argc > 1 && *p; p++)
+        if (!strcmp(argv[1], *p))
+            python("a subcommand");
     compute_key(argc, argv);
     if (!g_key[0])
         python("no K");
