@@ -235,6 +235,9 @@ def _stdout_gone():
 
 def _sub(name, argv):
     import importlib
+    if name != "task-entry":           # a Slurm task is a rank: it execs; the rest may run long
+        import gc
+        gc.enable()                    # (the installed entry turned the collector off: entry.py)
     try:
         mod = importlib.import_module("hpcrun.cmd_" + name.replace("-", "_"))
     except ImportError as e:

@@ -16,6 +16,11 @@ console script (pip drops options from a script's first line):
 tree 10 times (the script 8, the bundle 1, the package directory 1) instead of ~160.
 A bundle older than the package directory (pip installed again) or of another Python
 is not used: the modules load from their files, as they always can.
+
+BOOT's first act is to switch the cyclic garbage collector off: a rank execs its program a
+few milliseconds later, and until then the collector would only walk the modules being
+imported, over and over (~0.3 ms of CPU a rank).  What outlives the launch turns it back
+on: the node's keeper (node.py), every subcommand but the Slurm task entry (cli._sub).
 """
 import sys
 
@@ -26,11 +31,15 @@ RANK_MODULES = ("hpcrun", "hpcrun.entry", "hpcrun.cli", "hpcrun.errors", "hpcrun
                 "hpcrun.join", "hpcrun.fdio", "hpcrun.node", "hpcrun.rankcalls", "hpcrun.mpi",
                 "hpcrun.cmd_task_entry")
 
+# This Python's own extension modules a rank imports (rankcalls: setns and prctl, through _ctypes).
+RANK_EXTENSIONS = ("_ctypes",)
+
 # The installed scripts after their #! line (site: SITE; function: what in cli.py runs).  Short: each is compiled
 # at every start (each line costs), the rest runs compiled from the bundle.
 BOOT = """\
 # Written by `hpcrun install-entry` (docs/install.md): hpcrun/entry.py, compiled, from the bundle.
-import marshal, os, sys
+import gc, marshal, os, sys
+gc.disable()                                # the rank execs its program in milliseconds (entry.py)
 SITE = %(site)r
 sys.path.append(SITE)
 try:
@@ -55,10 +64,11 @@ class Bundle:
     def find_spec(self, name, path=None, target=None):
         found = self.index.get(name)
         if found is None:
-            return None
+            return extension_spec(name) if name in RANK_EXTENSIONS else None
         import _frozen_importlib
+        # Not has_location: the import system would then work out a __cached__ (a .pyc path
+        # nobody reads), ~5 us a module; exec_module sets __file__ itself.
         spec = _frozen_importlib.ModuleSpec(name, self, origin=found[0], is_package=found[1])
-        spec.has_location = True                                   # __file__, as from the file
         if found[1]:
             spec.submodule_search_locations = [found[0].rpartition("/")[0]]    # the rest: files
         return spec
@@ -68,8 +78,28 @@ class Bundle:
 
     def exec_module(self, module):
         import marshal
-        _, _, offset, size = self.index[module.__name__]
+        origin, _, offset, size = self.index[module.__name__]
+        module.__file__ = origin                                   # as from the file
         exec(marshal.loads(self.data[self.base + offset:self.base + offset + size]), module.__dict__)
+
+
+def extension_spec(name):
+    """The standard library's extension module `name` straight from its file in this Python's
+    lib-dynload (on sys.path, where the path finder would find it): without the path finder's
+    listing of that directory (~0.1 ms and 7 metadata calls a rank).  None where it is not
+    there (built in, another layout): then the path finder, as usual."""
+    import os
+    import _imp
+    import _frozen_importlib_external as external
+    if name in sys.builtin_module_names:
+        return None
+    for d in sys.path:
+        if d.endswith("/lib-dynload"):
+            path = "%s/%s%s" % (d, name, _imp.extension_suffixes()[0])
+            if os.path.isfile(path):
+                return external.spec_from_file_location(name, path, loader=external.ExtensionFileLoader(name, path))
+            return None
+    return None
 
 
 def use(site, bundle, fd):

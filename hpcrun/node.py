@@ -246,8 +246,10 @@ def _stop(keeper, dir_fd, key):
 
 def _keeper_main(plan, cfg, dir_fd, run_dir, ready_w, linger):
     """Runs in the keeper process; never returns."""
+    import gc
     import signal
     import sys
+    gc.enable()                         # it lingers (the installed entry turned the collector off: entry.py)
     code = 0
     st = None
     lingered = False

@@ -90,6 +90,9 @@ def test_joining_rank_touches_the_install_tree_10_times(as_user, test_user, hpcr
     assert not [ln for ln in on_install if pkg in ln and (".py\"" in ln or ".pyc" in ln)], on_install
     # the interpreter starts without site: no .pth, no site-packages listing
     assert not [ln for ln in calls if ".pth" in ln or "getdents64(" in ln and SITE + ">" in ln], calls
+    # _ctypes (setns, prctl) comes straight from its file: lib-dynload is not listed (entry.extension_spec)
+    assert not [ln for ln in calls if "getdents64(" in ln and "lib-dynload" in ln], calls
+    assert [ln for ln in calls if ln.startswith("openat(") and "/lib-dynload/_ctypes." in ln], calls
 
 
 @pytest.fixture
