@@ -40,7 +40,8 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 def host_part(environ, cleanenv, extra_env, env_files):
     """Steps 1, 2 and 5: returns (env dict, dropped names, user settings list)."""
     env, dropped = {}, []
-    for k, v in environ.items():
+    items = list(environ.items())        # once: os.environ decodes every name and value it hands out
+    for k, v in items:
         if k in DENY or k.startswith(DENY_PREFIXES):
             if not k.startswith(USER_PREFIXES + ("HPCRUN_TASK_",)):
                 dropped.append(k)
@@ -56,7 +57,7 @@ def host_part(environ, cleanenv, extra_env, env_files):
     env["PYTHONNOUSERSITE"] = "1"
     user = []
     for prefix in USER_PREFIXES:
-        for k, v in environ.items():
+        for k, v in items:
             if k.startswith(prefix) and len(k) > len(prefix):
                 name = k[len(prefix):]
                 # Apptainer's APPTAINERENV_PREPEND_PATH / _APPEND_PATH extend PATH

@@ -6,7 +6,6 @@ same `key` from it, which is how ranks of one job step on a node find the one
 container they share.  Nothing here mounts or changes anything.
 """
 import os
-import pwd
 import stat
 
 from hpcrun import environment, errors
@@ -225,6 +224,7 @@ def gpu_wanted(flag, environ, cfg, kind):
 
 def user_entry(uid, environ):
     """The caller's passwd entry as a dict (a made-up one where NSS has none)."""
+    import pwd                  # here, not at the top: most ranks never look (build)
     try:
         pw = pwd.getpwuid(uid)
         return {"name": pw.pw_name, "uid": uid, "gid": pw.pw_gid, "gecos": pw.pw_gecos,
