@@ -59,7 +59,7 @@ class Bundle:
     """The meta-path finder and loader of the bundled modules."""
 
     def __init__(self, data, index, base):
-        self.data, self.index, self.base = data, index, base
+        self.data, self.index, self.base = memoryview(data), index, base    # slices without copies
 
     def find_spec(self, name, path=None, target=None):
         found = self.index.get(name)
