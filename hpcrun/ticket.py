@@ -85,8 +85,23 @@ def encode(keeper, observations, cwd, argv, env, passed, expires):
 
 
 class Watched(dict):
-    """An environment that remembers which values were read (get, [])."""
-    read = None
+    """An environment that remembers which values were read (get, []) and which names were
+    set (a per-rank name set to a constant is the launch's value, not the caller's: never
+    `pass`, even where the first rank's own value was the same)."""
+    read = written = None
+
+    def __setitem__(self, name, value):
+        self.written.add(name)
+        dict.__setitem__(self, name, value)
+
+    def setdefault(self, name, default=None):
+        self.read.add(name)
+        self.written.add(name)
+        return dict.setdefault(self, name, default)
+
+    def update(self, *args, **kwargs):
+        for name, value in dict(*args, **kwargs).items():
+            self[name] = value
 
     def __getitem__(self, name):
         self.read.add(name)
@@ -97,9 +112,9 @@ class Watched(dict):
         return dict.get(self, name, default)
 
 
-def watched(environ, read):
+def watched(environ, read, written=None):
     w = Watched(environ)
-    w.read = read
+    w.read, w.written = read, set() if written is None else written
     return w
 
 
@@ -111,6 +126,7 @@ class Recorder:
         self.claimed, self.args = claimed, args
         self.observations = []
         self.read = set()           # environment names whose values were read
+        self.written = set()        # ... and set (environment.final)
         self.spoiled = None
         self.where = "host"
         self.inside_cwd = "/"
@@ -245,7 +261,7 @@ class Recorder:
         self.saved = None
 
     def watched(self, environ):
-        return watched(environ, self.read)
+        return watched(environ, self.read, self.written)
 
     def joined(self, key, pid, start, userns, dir_fd, run_dir, uid):
         """join.py, before setns: which keeper, and the run directory to write into."""
@@ -271,7 +287,8 @@ class Recorder:
                 return
             if any(n in self.read for n in PER_RANK):
                 return
-            passed = {n for n in PER_RANK if n in env and dict.get(env, n) == caller_env.get(n)}
+            passed = {n for n in PER_RANK
+                      if n in env and n not in self.written and dict.get(env, n) == caller_env.get(n)}
             data = encode(self.keeper, self.observations, cwd, argv, env, passed, int(time.time()) + LIFETIME)
             if len(data) > MAX_SIZE:
                 return

@@ -424,3 +424,17 @@ def test_the_python_paths_ticket_serves_the_next_rank(front, tmp_path):
         assert (r.returncode, r.stdout, r.stderr) == (0, "e2e %s\n" % rank, ""), r.stderr
         with open(trace) as t:
             assert not [ln for ln in t if "hpcrun-py" in ln], "ran the Python path"
+
+
+def test_a_per_rank_variable_the_launch_sets_is_not_the_callers(front):
+    """--env PMIX_RANK=0 (or an image's /.hpcrun/env) sets a per-rank variable to a constant: the
+    Python path gives every rank that constant.  A first rank whose own value happened to be the
+    same must not write `pass PMIX_RANK` (the next ranks would get their own value instead)."""
+    f = front
+    args = ["--env", "PMIX_RANK=0", f.image, "/bin/sh", "-c", 'echo "rank $PMIX_RANK"']
+    r = f.run(args, env={"PMIX_RANK": "0"})
+    assert (r.returncode, r.stdout) == (0, "rank 0\n") and "python path: no ticket" in r.stderr, r.stderr
+    f.key_of(args, {"PMIX_RANK": "0"})                                   # cleaned up with the module
+    assert f.run(args, env={"PMIX_RANK": "5"}, prog=PY_ENTRY).stdout == "rank 0\n"
+    r = f.run(args, env={"PMIX_RANK": "5"})
+    assert (r.returncode, r.stdout) == (0, "rank 0\n"), r.stderr
