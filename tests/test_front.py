@@ -438,3 +438,38 @@ def test_a_per_rank_variable_the_launch_sets_is_not_the_callers(front):
     assert f.run(args, env={"PMIX_RANK": "5"}, prog=PY_ENTRY).stdout == "rank 0\n"
     r = f.run(args, env={"PMIX_RANK": "5"})
     assert (r.returncode, r.stdout) == (0, "rank 0\n"), r.stderr
+
+
+def test_the_first_wave_wait_keeps_the_callers_alarm(front):
+    """A caller's pending alarm(2) (`perl -e 'alarm N; exec @ARGV'`, a job script's timeout) survives
+    exec into the program on the Python path.  A rank that waits for its job's first rank must not
+    take it over (alarm(60) then alarm(0) cancelled it: the program ran on past the caller's limit)."""
+    import fcntl
+    import signal
+    f = front
+    args = [f.image, "/bin/sh", "-c", "exec sleep 30"]
+    wrapped = ["-e", "alarm 2; exec @ARGV"]
+    os.makedirs(f.tickets, 0o700, exist_ok=True)
+    os.chown(f.tickets, f.uid, f.gid)
+    lock_path = os.path.join(f.tickets, f.key_of(args) + ".lock")
+    with open(lock_path, "w") as held:                  # the job's first rank, still in Python
+        os.chown(lock_path, f.uid, f.gid)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        env = dict(f.env)
+        rank = subprocess.Popen(f.cmd(["perl"] + wrapped + [FRONT] + args, env), cwd=f.cwd,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(600):                            # until it waits on that lock
+            if _holds(rank.pid, lock_path):
+                break
+            time.sleep(0.05)
+    out, err = rank.communicate(timeout=60)
+    os.unlink(lock_path)
+    assert "waited for the first rank: done" in err, err
+    assert (rank.returncode, out) == (-signal.SIGALRM, ""), err
+
+
+def _holds(pid, path):
+    try:
+        return any(os.readlink("/proc/%d/fd/%s" % (pid, fd)) == path for fd in os.listdir("/proc/%d/fd" % pid))
+    except OSError:
+        return False

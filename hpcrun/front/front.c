@@ -97,8 +97,6 @@ static void __attribute__((noreturn)) python(const char *why)
    bounded, holding nothing else, and look again once: a job's first wave so costs one
    Python launch per node and container, not one per rank.  Returns the writer's lock fd
    (inheritable now), or -1: the Python path without one. */
-static void on_alarm(int sig) { (void)sig; }
-
 static int first_wave(void)
 {
     char name[80];
@@ -130,12 +128,20 @@ static int first_wave(void)
             close(g_held[i]);
             g_held[i] = -1;
         }
-    struct sigaction sa = {.sa_handler = on_alarm}, old;     /* no SA_RESTART: flock gives up */
-    sigaction(SIGALRM, &sa, &old);
-    alarm(WAIT_SECONDS);
-    int got = !flock(lock, LOCK_SH);
-    alarm(0);
-    sigaction(SIGALRM, &old, NULL);
+    /* Polled, not alarm(): the caller's pending alarm (and a blocked SIGALRM) must reach the
+       program as on the Python path, untouched.  1 ms, doubling to 16 ms between looks. */
+    struct timespec now, end, step = {0, 1000000};
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    end.tv_sec += WAIT_SECONDS;
+    int got;
+    while (!(got = !flock(lock, LOCK_SH | LOCK_NB)) && errno == EWOULDBLOCK) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (now.tv_sec > end.tv_sec || (now.tv_sec == end.tv_sec && now.tv_nsec >= end.tv_nsec))
+            break;
+        nanosleep(&step, NULL);
+        if (step.tv_nsec < 16000000)
+            step.tv_nsec *= 2;
+    }
     close(lock);
     g_waited = 1;
     if (g_debug)
