@@ -183,16 +183,20 @@ def _release(claim):
 
 
 def _undo_locale_coercion():
-    """Python sets LC_CTYPE=C.UTF-8 where the caller's locale is C or unset (PEP 538): that is
-    Python's, not the caller's, and must not reach the program.  The environment hpcrun was
-    started with is /proc/self/environ."""
+    """Python sets LC_CTYPE=C.UTF-8 where the caller's locale is C or unset (PEP 538), over a
+    caller's LC_CTYPE=C too: that is Python's, not the caller's, and must not reach the program.
+    The environment hpcrun was started with is /proc/self/environ (its first LC_CTYPE is the
+    one os.environ would hold)."""
     try:
         with open("/proc/self/environ", "rb") as f:
             started = f.read().split(b"\0")
     except OSError:
         return
-    if not any(e.startswith(b"LC_CTYPE=") for e in started):
-        del os.environ["LC_CTYPE"]
+    for e in started:
+        if e.startswith(b"LC_CTYPE="):
+            os.environ["LC_CTYPE"] = os.fsdecode(e[9:])
+            return
+    del os.environ["LC_CTYPE"]
 
 
 def _dispatch(argv, claim=None):
