@@ -139,12 +139,14 @@ def main(argv=None):
     try:
         code = _dispatch(argv, claim)
         sys.stdout.flush()       # a reader that left shows up here, not at interpreter exit
+        _release(claim)          # (a launch that failed: its lock's file goes too)
         return code
     except errors.Error as e:
         if debug:
             import traceback
             traceback.print_exc()
         sys.stderr.write(e.line() + "\n")
+        _release(claim)
         return e.code
     except KeyboardInterrupt:
         return 130
@@ -159,27 +161,30 @@ def main(argv=None):
 
 def _front_claim():
     """The compiled front's mark (ticket.py), ours alone, never the program's or the plan's:
-    removed first thing.  (K, the lock fd the job's other ranks wait on, or None) or None."""
+    removed first thing.  [K, the lock fd the job's other ranks wait on or None, its
+    directory's fd or None] or None."""
     mark = os.environ.pop("_HPCRUN_TICKET", None)
     if not mark:
         return None
     k, _, fd = mark.partition(":")
     lock = int(fd) if fd.isdigit() and 2 < int(fd) < 1 << 20 else None
+    tickets = None
     if lock is not None:
         try:
             os.set_inheritable(lock, False)     # never into the program, the keeper, a subcommand's children
+            # where its file is (the front made it there), opened now, on the host: ticket.let_go
+            tickets = os.open("/tmp/hpcrun-%d/tickets" % os.getuid(),
+                              os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
-            lock = None
-    return k, lock
+            pass
+    return [k, lock, tickets]
 
 
 def _release(claim):
     """Let the job's waiting ranks go on (no ticket comes from here)."""
     if claim and claim[1] is not None:
-        try:
-            os.close(claim[1])
-        except OSError:
-            pass
+        from hpcrun import ticket
+        ticket.let_go(claim)
 
 
 def _undo_locale_coercion():

@@ -18,8 +18,8 @@ def launch(opts, claimed_ticket=None):
     environ, rec = os.environ, None
     if claimed_ticket:                       # the compiled front sent us: record for it (ticket.py)
         from hpcrun import ticket
-        (claimed, lock), args = claimed_ticket
-        rec = ticket.start(claimed, lock, args, opts)
+        claim, args = claimed_ticket
+        rec = ticket.start(claim, args, opts)
         if rec:
             environ = ticket.watched(os.environ, rec.read)
             rec.install("host")

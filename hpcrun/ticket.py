@@ -130,7 +130,7 @@ class Recorder:
         self.spoiled = None
         self.where = "host"
         self.inside_cwd = "/"
-        self.keeper = self.run_dir_fd = self.lock = None
+        self.keeper = self.run_dir_fd = self.claim = None
         self.saved = None
 
     # --- the wrappers -------------------------------------------------------------------
@@ -273,10 +273,10 @@ class Recorder:
 
     def discard(self):
         """Done: the run directory and the first-wave lock let go (the waiting ranks look again)."""
-        for fd in (self.run_dir_fd, self.lock):
-            if fd is not None:
-                os.close(fd)
-        self.run_dir_fd = self.lock = None
+        if self.run_dir_fd is not None:
+            os.close(self.run_dir_fd)
+        self.run_dir_fd = None
+        let_go(self.claim)
 
     # --- the ticket ---------------------------------------------------------------------
     def write(self, cwd, argv, env, caller_env):
@@ -351,11 +351,32 @@ def prune(tickets_fd):
             pass
 
 
-def start(claimed, lock, args, opts):
+def let_go(claim):
+    """Close the first-wave lock (the job's waiting ranks look again) and remove its file, if it is
+    still the one we hold: it serves no one after this, and a launch that writes no ticket (a
+    run_dir elsewhere, a warning, no $HOME ...) would leave one per job behind."""
+    if not claim or claim[1] is None:
+        return
+    lock, tickets, claim[1], claim[2] = claim[1], claim[2], None, None
+    try:
+        if tickets is not None and len(claim[0]) == 64 and claim[0].isalnum():    # K: hex, no path
+            name = claim[0] + ".lock"
+            held, there = os.fstat(lock), os.stat(name, dir_fd=tickets, follow_symlinks=False)
+            if (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino):
+                os.unlink(name, dir_fd=tickets)
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(lock)
+        if tickets is not None:
+            os.close(tickets)
+
+
+def start(claim, args, opts):
     """A Recorder when the front started us with a K that this launch matches, else None.
-    lock: the fd the job's other ranks wait on (front.c, first_wave), closed once the ticket
-    is written or known not to come."""
-    rec = None
+    claim: cli._front_claim's; its lock is the fd the job's other ranks wait on (front.c,
+    first_wave), let go once the ticket is written or known not to come."""
+    claimed, rec = claim[0], None
     if claimed and len(claimed) == 64 and not (opts.dry_run or opts.verbose or opts.debug):
         try:
             import hpcrun
@@ -365,7 +386,7 @@ def start(claimed, lock, args, opts):
             here = None
         if here == claimed:
             rec = Recorder(claimed, args)
-            rec.lock = lock
-    if rec is None and lock is not None:
-        os.close(lock)
+            rec.claim = claim
+    if rec is None:
+        let_go(claim)
     return rec

@@ -473,3 +473,28 @@ def _holds(pid, path):
         return any(os.readlink("/proc/%d/fd/%s" % (pid, fd)) == path for fd in os.listdir("/proc/%d/fd" % pid))
     except OSError:
         return False
+
+
+def test_launches_that_write_no_ticket_leave_no_lock_behind(front):
+    """The first-wave lock (tickets/<K>.lock, made by the front) goes once the Python path lets go
+    of it, ticket or not: a run_dir elsewhere, a launch that looks up the passwd entry (no $HOME),
+    one that fails (even before it parsed its options) each left one file per job."""
+    f = front
+    conf = os.path.join(f.cwd, "elsewhere.conf")
+    with open(conf, "w") as c:
+        c.write("run_dir = /tmp/hpcrun-front-elsewhere-%u\n")
+    os.chown(conf, f.uid, f.gid)
+    os.makedirs(f.tickets, 0o700, exist_ok=True)
+    os.chown(f.tickets, f.uid, f.gid)
+    before = set(os.listdir(f.tickets))
+    try:
+        for args, env, code in (([f.image, "true"], {"HPCRUN_CONF": conf}, 0),
+                                ([f.image, "true"], {"HOME": ""}, 0),
+                                ([f.image, "/no-such"], {}, 127),
+                                (["--no-such-option", f.image, "true"], {}, 64)):
+            r = f.run(args, env=dict(env, JOB="no-lock-%d" % len(f.keys)))
+            f.key_of(args, dict(env, JOB="no-lock-%d" % len(f.keys)))
+            assert r.returncode == code and "python path: no ticket" in r.stderr, r.stderr
+            assert set(os.listdir(f.tickets)) == before, args
+    finally:
+        shutil.rmtree("/tmp/hpcrun-front-elsewhere-%d" % f.uid, ignore_errors=True)
