@@ -117,8 +117,14 @@ static int first_wave(void)
         close(lock);
         return -1;
     }
-    if (!flock(lock, LOCK_EX | LOCK_NB))
+    if (!flock(lock, LOCK_EX | LOCK_NB)) {
+        if (lock <= 2) {                /* a standard fd the caller closed: not for the lock */
+            int high = fcntl(lock, F_DUPFD, 3);     /* (the Python path takes only one above 2) */
+            close(lock);
+            return high;                            /* inheritable, or -1 */
+        }
         return fcntl(lock, F_SETFD, 0) ? (close(lock), -1) : lock;
+    }
     if (errno != EWOULDBLOCK) {
         close(lock);
         return -1;
