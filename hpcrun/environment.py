@@ -16,11 +16,11 @@ are read inside the container, just before exec.  An Apptainer image's
 %environment (/.singularity.d/env/*.sh) is sourced by the container's own
 /bin/sh between 4 and 5 (launch.apptainer_argv), never by hpcrun.
 """
-DENY = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "LD_DEBUG", "PYTHONPATH", "PYTHONHOME",
-        "PYTHONUSERBASE", "PYTHONSTARTUP", "PYTHONEXECUTABLE", "PERL5LIB", "PERLLIB", "RUBYLIB",
-        "LUA_PATH", "LUA_CPATH", "R_LIBS", "R_LIBS_USER", "CLASSPATH", "BASH_ENV", "ENV",
-        "MODULEPATH", "LOADEDMODULES", "_LMFILES_", "MODULESHOME", "LMOD_CMD", "PKG_CONFIG_PATH",
-        "CPATH", "LIBRARY_PATH", "MANPATH", "INFOPATH", "CONDA_PREFIX", "VIRTUAL_ENV")
+DENY = frozenset(("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "LD_DEBUG", "PYTHONPATH", "PYTHONHOME",
+                   "PYTHONUSERBASE", "PYTHONSTARTUP", "PYTHONEXECUTABLE", "PERL5LIB", "PERLLIB", "RUBYLIB",
+                   "LUA_PATH", "LUA_CPATH", "R_LIBS", "R_LIBS_USER", "CLASSPATH", "BASH_ENV", "ENV",
+                   "MODULEPATH", "LOADEDMODULES", "_LMFILES_", "MODULESHOME", "LMOD_CMD", "PKG_CONFIG_PATH",
+                   "CPATH", "LIBRARY_PATH", "MANPATH", "INFOPATH", "CONDA_PREFIX", "VIRTUAL_ENV"))
 DENY_PREFIXES = ("BASH_FUNC_", "__LMOD", "_ModuleTable", "HPCRUN_ENV_", "HPCRUN_TASK_", "APPTAINERENV_",
                  "SINGULARITYENV_")
 # Settings for the inside, in increasing precedence: not passed on as themselves.
@@ -56,8 +56,9 @@ def host_part(environ, cleanenv, extra_env, env_files):
     env["PATH"] = DEFAULT_PATH
     env["PYTHONNOUSERSITE"] = "1"
     user = []
+    settings = [(k, v) for k, v in items if k.startswith(USER_PREFIXES)]
     for prefix in USER_PREFIXES:
-        for k, v in items:
+        for k, v in settings:
             if k.startswith(prefix) and len(k) > len(prefix):
                 name = k[len(prefix):]
                 # Apptainer's APPTAINERENV_PREPEND_PATH / _APPEND_PATH extend PATH
