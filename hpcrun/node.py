@@ -94,7 +94,8 @@ def linger_seconds(cfg):
 def find(dir_fd, key):
     """The live keeper's PID from its record, or None."""
     try:
-        fd = os.open(key + ".pid", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        # O_NONBLOCK: a FIFO put there (a program has the user's rights, and /tmp) reads as empty
+        fd = os.open(key + ".pid", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     try:

@@ -13,6 +13,7 @@ import json
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -549,3 +550,24 @@ def test_the_first_wave_lock_is_never_a_standard_fd(front):
     k, _, held = mark[5:].partition(":")
     assert r.returncode == 0 and len(k) == 64, mark
     assert int(held) > 2 and held in fds.split() and "2" not in fds.split(), (mark, fds)
+
+
+def test_a_fifo_for_the_keepers_record_stops_no_rank(front):
+    """The user's own program (it has the user's rights, and /tmp) puts a FIFO where the keeper's
+    record <key>.pid was: a rank through the front, and the Python path, read it as no record (a
+    new keeper), instead of waiting for a writer forever."""
+    f = front
+    args = ["-B", "%s:/mnt/fifo-record" % f.cwd, f.image, "/bin/sh", "-c", "echo ran"]
+    env = {"JOB": "fifo-record"}
+    r = f.run(args, env=env)
+    assert (r.returncode, r.stdout) == (0, "ran\n"), r.stderr
+    f.key_of(args, env)
+    key = json.loads(f.run(["--dry-run"] + args, env=env, prog=PY_ENTRY).stdout)["key"]
+    record = os.path.join(f.run_dir, key + ".pid")
+    for prog in (FRONT, PY_ENTRY):
+        os.unlink(record)                          # the live keeper's, then the one started for the FIFO
+        os.mkfifo(record)
+        os.chown(record, f.uid, f.gid)
+        r = f.run(args, env=env, prog=prog)       # (the module's teardown ends the keepers)
+        assert (r.returncode, r.stdout) == (0, "ran\n"), r.stderr
+        assert stat.S_ISREG(os.lstat(record).st_mode)
