@@ -135,7 +135,7 @@ static int first_wave(void)
             g_held[i] = -1;
         }
     /* Polled, not alarm(): the caller's pending alarm (and a blocked SIGALRM) must reach the
-       program as on the Python path, untouched.  1 ms, doubling to 16 ms between looks. */
+       program as on the Python path, untouched.  1 ms, doubling to 4 ms between looks. */
     struct timespec now, end, step = {0, 1000000};
     clock_gettime(CLOCK_MONOTONIC, &end);
     end.tv_sec += WAIT_SECONDS;
@@ -145,7 +145,7 @@ static int first_wave(void)
         if (now.tv_sec > end.tv_sec || (now.tv_sec == end.tv_sec && now.tv_nsec >= end.tv_nsec))
             break;
         nanosleep(&step, NULL);
-        if (step.tv_nsec < 16000000)
+        if (step.tv_nsec < 4000000)
             step.tv_nsec *= 2;
     }
     close(lock);
