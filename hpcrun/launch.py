@@ -15,7 +15,7 @@ from hpcrun import config, environment, errors, image, join, plan as plan_mod
 def launch(opts, claimed_ticket=None):
     t0 = time.perf_counter()
     timing = []
-    environ, rec = os.environ, None
+    environ, rec = dict(os.environ), None     # read once: os.environ decodes on every look
     if claimed_ticket:                       # the compiled front sent us: record for it (ticket.py)
         from hpcrun import ticket
         claim, args = claimed_ticket
