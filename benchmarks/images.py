@@ -79,21 +79,13 @@ def _copy(root, path):
         shutil.copy2(path, dst)
 
 
-def _is_elf(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"\x7fELF"
-    except OSError:
-        return False
-
-
 def _add_with_libs(root, paths):
     """Copy files and, for ELF files, their ldd closure."""
     for p in paths:
         if os.path.isdir(p) and not os.path.islink(p):
             continue
         _copy(root, p)
-        if not os.path.islink(p) and _is_elf(p):
+        if not os.path.islink(p) and imagetools.is_elf(p):
             imagetools.add_host_program(root, p)
 
 

@@ -16,6 +16,15 @@ APPLETS = ["sh", "cat", "id", "echo", "ls", "true", "false", "sleep", "env", "pw
            "mount", "printf", "sed", "tr", "basename", "dirname", "chmod", "uname", "ps", "seq", "xargs"]
 
 
+def is_elf(path):
+    """path is an ELF file (not a script, not a link's target we could not read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
 def make_busybox_root(root, runscript=None, env=None, labels=None, extra_meta=None):
     os.makedirs(root, exist_ok=True)
     for d in ("bin", "usr/bin", "etc", "tmp", "var/tmp", "home", "proc", "sys", "dev", "root", ".hpcrun"):

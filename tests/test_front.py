@@ -22,6 +22,7 @@ import time
 import pytest
 
 from checks import assert_one_error
+from imagetools import is_elf
 import hpcrun
 
 BIN = os.path.dirname(sys.executable)
@@ -31,15 +32,7 @@ PKG = os.path.dirname(os.path.abspath(hpcrun.__file__))
 USER = "hpcrun-front"
 
 
-def _is_elf(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"\x7fELF"
-    except OSError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not (_is_elf(FRONT) and os.path.isfile(PY_ENTRY)),
+pytestmark = pytest.mark.skipif(not (is_elf(FRONT) and os.path.isfile(PY_ENTRY)),
                                 reason="no compiled front installed (no C compiler when make venv ran)")
 
 from hpcrun.ticket import encode, identity, key as compute_key, stamp  # the Python path's own writer
@@ -387,7 +380,7 @@ def test_install_entry_builds_the_front_or_not(tmp_path):
     r = install()
     assert r.returncode == 0 and "the compiled join-only front" in r.stdout, r.stdout + r.stderr
     assert sorted(os.listdir(bin_dir)) == ["hpcrun", "hpcrun-py", "run-singularity"]
-    assert _is_elf(bin_dir / "hpcrun")
+    assert is_elf(bin_dir / "hpcrun")
     with open(bin_dir / "hpcrun-py") as s:
         assert "SITE = %r" % str(site) in s.read()
     r = version()
@@ -404,10 +397,10 @@ def test_install_entry_builds_the_front_or_not(tmp_path):
         r = install(*extra, path=path)
         assert r.returncode == 0 and "the Python entry " + said in r.stdout, r.stdout + r.stderr
         assert sorted(os.listdir(bin_dir)) == ["hpcrun", "run-singularity"]
-        assert not _is_elf(bin_dir / "hpcrun")
+        assert not is_elf(bin_dir / "hpcrun")
         r = version()
         assert (r.returncode, r.stdout, r.stderr) == (0, "hpcrun %s\n" % hpcrun.VERSION, "")
-        assert install().returncode == 0 and _is_elf(bin_dir / "hpcrun")
+        assert install().returncode == 0 and is_elf(bin_dir / "hpcrun")
 
 
 def test_the_python_paths_ticket_serves_the_next_rank(front, tmp_path):
