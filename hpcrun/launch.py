@@ -15,15 +15,17 @@ from hpcrun import config, environment, errors, image, join, plan as plan_mod
 def launch(opts, claimed_ticket=None):
     t0 = time.perf_counter()
     timing = []
-    environ, rec = dict(os.environ), None     # read once: os.environ decodes on every look
+    rec = None
     if claimed_ticket:                       # the compiled front sent us: record for it (ticket.py)
         from hpcrun import ticket
         claim, args = claimed_ticket
         rec = ticket.start(claim, args, opts)
-        if rec:
-            environ = ticket.watched(os.environ, rec.read)
-            rec.install("host")
-            os.stat(".")                     # the directory's identity counts, not only its name
+    if rec:
+        environ = ticket.watched(os.environ, rec.read)
+        rec.install("host")
+        os.stat(".")                         # the directory's identity counts, not only its name
+    else:
+        environ = dict(os.environ)           # read once: os.environ decodes on every look
     try:
         cfg = config.load(environ)
         img = image.open_image(opts.image)                       # validated, nothing mounted yet
