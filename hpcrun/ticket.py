@@ -27,7 +27,6 @@ import sys
 import time
 from _sha256 import sha256
 
-MARK = "_HPCRUN_TICKET"
 # What differs between the ranks of one job on a node (measured: mpirun -np 3, srun -n 3).
 # An incomplete list costs speed only (those ranks miss), never correctness.
 PER_RANK = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_NODE_RANK",
@@ -122,8 +121,8 @@ class Recorder:
     """Records file-system observations while active (os.stat & co. wrapped).
     Whatever it cannot record (a dir_fd, a write, NSS...) spoils the ticket."""
 
-    def __init__(self, claimed, args):
-        self.claimed, self.args = claimed, args
+    def __init__(self, claimed):
+        self.claimed = claimed
         self.observations = []
         self.read = set()           # environment names whose values were read
         self.written = set()        # ... and set (environment.final)
@@ -385,7 +384,7 @@ def start(claim, args, opts):
         except (OSError, ValueError):
             here = None
         if here == claimed:
-            rec = Recorder(claimed, args)
+            rec = Recorder(claimed)
             rec.claim = claim
     if rec is None:
         let_go(claim)
