@@ -7,7 +7,7 @@
 
 PYTHON   ?= /usr/bin/python3
 VENV     ?= .venv
-APT_PKGS  = squashfs-tools squashfuse fuse3 openmpi-bin libopenmpi-dev busybox-static \
+APT_PKGS  = squashfs-tools squashfuse fuse3 libsquashfuse-dev libfuse3-dev openmpi-bin libopenmpi-dev busybox-static \
             charliecloud-runtime slurm-wlm slurmctld slurmd slurm-client munge libslurm-dev \
             libpmix-dev python3-venv python3-dev gcc make util-linux lua5.1 openssh-client gpgv gpg gpg-agent \
             zstd podman skopeo runc strace

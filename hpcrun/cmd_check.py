@@ -126,10 +126,12 @@ def _namespaces(rep):
 
 
 def _fuse(rep):
+    from hpcrun import stage
     fuse_ok = os.access("/dev/fuse", os.R_OK | os.W_OK)
-    prog = shutil.which("squashfuse_ll") or shutil.which("squashfuse")
+    prog = stage.fuse_program()
+    own = prog is not None and os.path.basename(prog) == "hpcrun-squashfuse"
     offset = False
-    if prog:
+    if prog and not own:
         try:
             out = subprocess.run([prog, "-h"], capture_output=True, text=True, timeout=10)
             offset = "offset" in (out.stdout + out.stderr)
@@ -140,9 +142,14 @@ def _fuse(rep):
     elif not fuse_ok or not prog:
         rep.add("image mount", "%s; %s: images are extracted to node-local storage (slower start)" % (
             "/dev/fuse usable" if fuse_ok else "/dev/fuse not usable", prog or "no squashfuse"), "warn")
+    elif own:
+        rep.add("image mount", "%s (hpcrun's FUSE daemon: no request per open); hpcrun images and SIF are "
+                "staged first (one copy per node)" % prog)
     else:
-        rep.add("image mount", "%s%s" % (prog, " with offset support" if offset else
-                                          " without offset support: hpcrun images are staged first"),
+        rep.add("image mount", "%s%s%s" % (prog, " with offset support" if offset else
+                                            " without offset support: hpcrun images are staged first",
+                                            "; every open is a request to it (hpcrun install-entry builds "
+                                            "hpcrun's own daemon with libsquashfuse-dev and libfuse3-dev)"),
                 "ok" if offset else "warn")
 
 

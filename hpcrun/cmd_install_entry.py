@@ -1,4 +1,4 @@
-"""hpcrun install-entry [--bin DIR] [--no-front]: the fast, isolated `hpcrun` (docs/install.md).
+"""hpcrun install-entry [--bin DIR] [--no-front] [--no-squashfuse]: the fast, isolated `hpcrun` (docs/install.md).
 
 Run once after `pip install`, by whoever owns the install.  It writes
 
@@ -10,6 +10,10 @@ Run once after `pip install`, by whoever owns the install.  It writes
   with a C compiler (cc, else gcc) and without --no-front: DIR/hpcrun is the
         compiled join-only front (hpcrun/front/front.c), the script above is
         DIR/hpcrun-py, and the front execs it for every rank it does not serve
+  with a C compiler, libsquashfuse-dev and libfuse3-dev, and without
+        --no-squashfuse: <site-packages>/hpcrun/libexec/hpcrun-squashfuse, the
+        FUSE daemon a keeper mounts images with (hpcrun/front/squashfuse.c;
+        docs/staging.md); without it, Debian's squashfuse_ll
 
 each atomically (temp file + rename).  `pip install` again puts pip's script
 back and leaves the bundle stale (the package directory changed), never used.
@@ -72,11 +76,28 @@ def compiler():
 
 
 def build_front(cc, pkg, site, bin_dir):
-    """Compile the front into a temp file in bin_dir; its path, or (None, why)."""
-    import subprocess
+    """Compile the front into a temp file in bin_dir: (its path, None), or (None, why)."""
     tmp = os.path.join(bin_dir, "hpcrun.tmp-%d" % os.getpid())
-    cmd = [cc, "-O2", "-DPY_ENTRY=" + c_string(os.path.join(bin_dir, "hpcrun-py")), "-DSITE=" + c_string(site),
-           "-o", tmp, os.path.join(pkg, "front", "front.c")]
+    return _compile([cc, "-O2", "-DPY_ENTRY=" + c_string(os.path.join(bin_dir, "hpcrun-py")),
+                     "-DSITE=" + c_string(site), "-o", tmp, os.path.join(pkg, "front", "front.c")], tmp)
+
+
+SQUASHFUSE = "hpcrun-squashfuse"
+
+
+def build_squashfuse(cc, pkg):
+    """Compile the FUSE daemon into a temp file in <pkg>/libexec: (its path, None), or (None, why).
+    Its headers come from libsquashfuse-dev and libfuse3-dev; no pkg-config needed."""
+    libexec = os.path.join(pkg, "libexec")
+    os.makedirs(libexec, exist_ok=True)
+    tmp = os.path.join(libexec, "%s.tmp-%d" % (SQUASHFUSE, os.getpid()))
+    return _compile([cc, "-O2", "-o", tmp, os.path.join(pkg, "front", "squashfuse.c"),
+                     "-lsquashfuse_ll", "-lsquashfuse", "-lfuse3"], tmp)
+
+
+def _compile(cmd, tmp):
+    import subprocess
+    cc = cmd[0]
     try:
         r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -91,7 +112,8 @@ def build_front(cc, pkg, site, bin_dir):
         pass
     if r is not None:
         lines = r.stderr.decode(errors="replace").strip().splitlines()
-        why = "%s exited %d: %s" % (cc, r.returncode, lines[-1] if lines else "")
+        errs = [ln for ln in lines if "error:" in ln]          # gcc ends with "compilation terminated."
+        why = "%s exited %d: %s" % (cc, r.returncode, (errs or lines or [""])[0 if errs else -1])
     return None, why
 
 
@@ -121,7 +143,7 @@ def default_bin():
 
 def main(argv):
     bin_dir = None
-    front = True
+    front = squashfuse = True
     args = list(argv)
     while args:
         a = args.pop(0)
@@ -134,8 +156,11 @@ def main(argv):
             bin_dir = a[6:]
         elif a == "--no-front":
             front = False
+        elif a == "--no-squashfuse":
+            squashfuse = False
         else:
-            raise errors.Error(errors.USAGE, "usage: hpcrun install-entry [--bin DIR] [--no-front]", a)
+            raise errors.Error(errors.USAGE, "usage: hpcrun install-entry [--bin DIR] [--no-front] "
+                               "[--no-squashfuse]", a)
     bin_dir = os.path.abspath(bin_dir or default_bin())
     python = interpreter()
     if not python or len("#!%s -IS\n" % python) > SHEBANG_MAX or any(c.isspace() for c in python):
@@ -147,8 +172,25 @@ def main(argv):
         raise errors.Error(errors.CANTCREATE, "cannot install the entry: the directory is not writable", bin_dir)
     pkg = package_dir()
     site = os.path.dirname(pkg)
-    cc = compiler() if front else None
+    cc = compiler() if front or squashfuse else None
     built = why = None
+    daemon = os.path.join(pkg, "libexec", SQUASHFUSE)
+    daemon_why = "--no-squashfuse" if not squashfuse else "no C compiler: cc or gcc" if not cc else None
+    try:
+        if squashfuse and cc:
+            daemon_tmp, daemon_why = build_squashfuse(cc, pkg)
+            if daemon_tmp:
+                os.rename(daemon_tmp, daemon)
+        if daemon_why:
+            try:
+                os.unlink(daemon)                       # a former install's: the keeper would still run it
+            except FileNotFoundError:
+                pass
+    except OSError as e:
+        raise errors.Error(errors.CANTCREATE, "cannot install the FUSE daemon: %s" % e.strerror,
+                           e.filename or daemon)
+    if not front:
+        cc = None
     try:
         path, n = write_bundle(pkg)
         if cc:
@@ -175,6 +217,11 @@ def main(argv):
     if os.path.isfile(os.path.join(bin_dir, "hpcrun-py")):
         scripts[0] += "-py"
     print("hpcrun: %s: #!%s -IS (python isolated, no site)" % (", ".join(scripts), python))
+    if daemon_why:
+        print("hpcrun: images mount with squashfuse_ll (%s)" % (
+            daemon_why if daemon_why.startswith(("--", "no C")) else "the FUSE daemon did not build: " + daemon_why))
+    else:
+        print("hpcrun: %s: the FUSE daemon images mount with (no request per open)" % daemon)
     hpcrun = os.path.join(bin_dir, "hpcrun")
     if not front:
         print("hpcrun: %s: the Python entry (--no-front)" % hpcrun)

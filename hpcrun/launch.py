@@ -83,6 +83,8 @@ def dry_run(plan, img):
     out["image_meta"] = img.meta()
     from hpcrun import stage
     out["stage"] = {"strategy": stage.strategy(plan)}
+    if out["stage"]["strategy"] == "fuse":
+        out["stage"]["program"] = stage.fuse_program()
     env = out.pop("env")
     out["env"] = {"set": env["base"], "user": dict(env["user"]), "dropped": env["dropped"],
                   "then_inside": ["/.hpcrun/env", "/.hpcrun/launch.env"]

@@ -2,7 +2,10 @@
 
 Strategies (config `mount_strategy`, docs/staging.md has the measurements):
   kernel   root only: a loop device at the payload's offset, read-only, nosuid, nodev.
-  fuse     squashfuse inside the user namespace.  Debian 12's squashfuse
+  fuse     a FUSE daemon inside the user namespace: hpcrun's own
+           (libexec/hpcrun-squashfuse, which install-entry builds from
+           front/squashfuse.c: libsquashfuse without a request per open),
+           else squashfuse_ll.  Debian 12's squashfuse
            (0.1.104/0.1.105) has no `-o offset=`, so an image whose SquashFS
            does not start at byte 0 (hpcrun images, SIF) is first staged:
            its payload is copied once per node into run_dir/stage/ (a
@@ -122,6 +125,7 @@ class Stage:
 
     def __init__(self):
         self.children = []       # squashfuse processes
+        self.program = None      # the FUSE daemon they run (fuse_program())
         self.stage_lock = None   # fd holding LOCK_SH on a shared staged payload
         self.stage_path = None
         self.extract_dir = None
@@ -148,6 +152,8 @@ def mount_image(plan, target, run_dir_fd, run_dir, bcast=None, verify_bcast=Fals
         else:
             _extract(bcast, target, st)
         plan["stage"] = {"strategy": how, "source": bcast, "offset": 0, "broadcast": True}
+        if st.program:
+            plan["stage"]["program"] = st.program
         plan.setdefault("notes", []).append("image mounted from its node-local broadcast copy %s (%s)" % (bcast, how))
         return st
     if how == "dir":
@@ -172,6 +178,8 @@ def mount_image(plan, target, run_dir_fd, run_dir, bcast=None, verify_bcast=Fals
         _extract(source, target, st)
     plan["stage"] = {"strategy": how, "source": st.stage_path or img["path"],
                      "offset": 0 if st.stage_path else img.get("offset", 0)}
+    if st.program:
+        plan["stage"]["program"] = st.program
     return st
 
 
@@ -353,8 +361,17 @@ def _loop_mount(img, target):
                            % (err.strip().splitlines() or ["?"])[-1], img["path"])
 
 
+def fuse_program():
+    """The FUSE daemon a keeper mounts with: hpcrun's own where install-entry built it (a rank's
+    MPI_Init opens ~100 files; squashfuse_ll makes each a round trip to it), else squashfuse_ll."""
+    own = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libexec", "hpcrun-squashfuse")
+    if os.access(own, os.X_OK):
+        return own
+    return _which("squashfuse_ll") or _which("squashfuse")
+
+
 def _squashfuse(source, target, opts, st):
-    exe = _which("squashfuse_ll") or _which("squashfuse")
+    exe = fuse_program()
     if not exe:
         raise errors.Error(errors.UNAVAILABLE, "squashfuse is not installed (needed to mount images "
                            "unprivileged)", "apt-get install squashfuse fuse3")
@@ -370,6 +387,7 @@ def _squashfuse(source, target, opts, st):
 
     p = Child([exe, "-f"] + opts + [source, target], setup)
     st.children.append(p)
+    st.program = exe
     # The mount is ready when the target's device changes; squashfuse exits on failure.
     parent_dev = os.stat(os.path.dirname(target)).st_dev
     deadline = time.monotonic() + 30
