@@ -177,22 +177,18 @@ def main(argv):
     daemon = os.path.join(pkg, "libexec", SQUASHFUSE)
     daemon_why = "--no-squashfuse" if not squashfuse else "no C compiler: cc or gcc" if not cc else None
     try:
+        path, n = write_bundle(pkg)           # first: where it cannot be written, nothing is
         if squashfuse and cc:
             daemon_tmp, daemon_why = build_squashfuse(cc, pkg)
             if daemon_tmp:
                 os.rename(daemon_tmp, daemon)
         if daemon_why:
             try:
-                os.unlink(daemon)                       # a former install's: the keeper would still run it
+                os.unlink(daemon)                       # a former install's: keepers would still run it
             except FileNotFoundError:
                 pass
-    except OSError as e:
-        raise errors.Error(errors.CANTCREATE, "cannot install the FUSE daemon: %s" % e.strerror,
-                           e.filename or daemon)
-    if not front:
-        cc = None
-    try:
-        path, n = write_bundle(pkg)
+        if not front:
+            cc = None
         if cc:
             built, why = build_front(cc, pkg, site, bin_dir)
         for name, function in SCRIPTS:
