@@ -140,6 +140,14 @@ def processes(comm):
     return out
 
 
+# comm of a keeper's FUSE daemon: hpcrun's own (15 characters of hpcrun-squashfuse), or Debian's
+FUSE_COMMS = ("hpcrun-squashfu", "squashfuse_ll", "squashfuse")
+
+
+def fuse_daemons():
+    return [pc for comm in FUSE_COMMS for pc in processes(comm)]
+
+
 def keepers_of(fragment):
     return [pid for pid, cmd in processes("hpcrun-keeper") if fragment in cmd]
 
@@ -1250,8 +1258,7 @@ def test_many_ranks_at_once_share_one_container(user_caller, core_dir, busybox_r
         assert key + ".pid" in _run_dir_entries(c, key)
         staged = [n for n in os.listdir(os.path.join(c.run_dir, "stage")) if digest in n and n.endswith(".sqfs")]
         assert len(staged) == 1, staged
-        fuse = [pid for pid, cmd in processes("squashfuse_ll") + processes("squashfuse")
-                if digest in cmd or img in cmd]
+        fuse = [pid for pid, cmd in fuse_daemons() if digest in cmd or img in cmd]
         assert len(fuse) == 1, fuse
     finally:
         for i, p in enumerate(procs):
@@ -1365,7 +1372,7 @@ def planted(base, user):
 def assert_nothing_left(caller, img, key):
     assert eventually(lambda: not keepers_of(img)), "keeper left running"
     assert eventually(lambda: _run_dir_entries(caller, key) == [], 10), _run_dir_entries(caller, key)
-    assert not [pid for pid, cmd in processes("squashfuse_ll") + processes("squashfuse") if key in cmd]
+    assert not [pid for pid, cmd in fuse_daemons() if key in cmd]
 
 
 @pytest.mark.parametrize("where", ["/var/tmp", "/tmp", "home"])
