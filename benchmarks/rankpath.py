@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import common
 import images
@@ -268,6 +269,52 @@ def mpirun_hello(built, ranks, rounds, env, budget, log):
     return out
 
 
+FUSE_DAEMONS = ("hpcrun-squashfuse", "squashfuse_ll", "squashfuse")
+
+
+def fuse_requests(built, n, env, user):
+    """Requests the keeper's FUSE daemon answers during one warm `mpirun -np n hello` as `user`
+    (root strace's the daemon: its writev()s on /dev/fuse; docs/staging.md "The FUSE daemon")."""
+    if os.getuid() != 0 or not shutil.which("strace"):
+        return {"error": "needs root and strace"}
+    hp = common.find_hpcrun()
+    img = built["mpi"]["img"]
+    who = ["setpriv", "--reuid=%d" % user.pw_uid, "--regid=%d" % user.pw_gid, "--init-groups", "--"]
+    argv = who + common.mpirun_argv(n) + [hp, img, "/bench/hello"]
+    _, p = common.run_timed(argv, env=env, timeout=120)              # warm: the container is made
+    _, plan = common.run_timed(who + common.mpirun_argv(1) + [hp, "--dry-run", img, "/bench/hello"], env=env,
+                               timeout=120)
+    try:
+        key = json.loads(plan.stdout)["key"]
+    except ValueError:
+        return {"error": "no plan: %s" % common.tail(plan.stderr, 2)}
+    daemons = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                cmd = f.read().split(b"\0")[:-1]
+        except OSError:
+            continue
+        if cmd and os.path.basename(cmd[0]).decode() in FUSE_DAEMONS and cmd[-1].endswith(
+                ("/%s.d/image" % key).encode()):
+            daemons.append((int(pid), cmd[0].decode()))
+    if len(daemons) != 1:
+        return {"error": "the container's FUSE daemon not found (%d)" % len(daemons)}
+    pid, program = daemons[0]
+    with tempfile.NamedTemporaryFile("r", prefix="fuse-strace-") as log:
+        st = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=writev", "-o", log.name, "-p", str(pid)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)                                              # attached
+        _, p = common.run_timed(argv, env=env, timeout=120)
+        time.sleep(0.5)
+        st.terminate()
+        st.wait(30)
+        count = sum(1 for ln in log if "writev(" in ln)
+    if ("hello from %d ranks" % n) not in p.stdout:
+        return {"error": "mpirun failed: %s" % common.tail(p.stderr, 2)}
+    return {"ranks": n, "program": program, "requests": count}
+
+
 def slurm_task_path(hp, img, ntasks, rounds, env, user, budget, log):
     """srun -N1 -n ntasks /bin/true, natively and in img through the SPANK plugin, on a one-node
     test-bed Slurm: {"native", "hpcrun": summary, "per_task_ms": the difference per task}."""
@@ -325,6 +372,7 @@ def run(built, runs=20, rounds=5, budget=None, user=None, log=print, mpi_ranks=(
             # from what reading an image through FUSE costs every rank's MPI_Init (docs/benchmarks.md)
             res["mpirun_root"] = mpirun_hello(built, mpi_ranks, mpi_rounds, common.bench_env(), budget,
                                               lambda m: log("as root: " + m))
+            res["fuse_requests"] = fuse_requests(built, mpi_ranks[0], env, user)
     if slurm_tasks:
         try:
             res["slurm"] = slurm_task_path(hp, built["light"]["img"], slurm_tasks, mpi_rounds, env, user,
@@ -406,6 +454,10 @@ def format_text(res):
             lines.append("  %-26s %6.2f (%.2f-%.2f)" % (label, v["median"], v["q1"], v["q3"]))
     for key, who in (("mpirun", " (user %s)" % res["user"]), ("mpirun_root", " (root: a kernel mount)")):
         _format_mpirun(lines, res.get(key), who)
+    fr = res.get("fuse_requests")
+    if fr:
+        lines.append("FUSE requests to the keeper's daemon during a warm mpirun -np %s hello (user): %s" % (
+            fr.get("ranks", "?"), fr["error"] if "error" in fr else "%d (%s)" % (fr["requests"], fr["program"])))
     sl = res.get("slurm")
 
     if sl:
