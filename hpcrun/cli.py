@@ -206,8 +206,8 @@ def _undo_locale_coercion():
 
 def _dispatch(argv, claim=None):
     if os.environ.get("HPCRUN_TASK_ARGV0") is not None and argv[:1] != ["task-entry"]:
-        _release(claim)
-        return _sub("task-entry", argv)
+        from hpcrun import cmd_task_entry      # a Slurm task: a rank, which the front may serve next
+        return cmd_task_entry.main(argv, claim)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else errors.USAGE

@@ -103,13 +103,32 @@ def launch_argv(args, environ, cwd):
     return opts + [path, argv0] + list(args)
 
 
-def main(argv):
+def main(argv, claim=None):
+    """claim: the compiled front's (cli._front_claim): the task is then recorded from here on,
+    HPCRUN_TASK_* included, for a join ticket that serves the step's next tasks (ticket.py)."""
+    rec = None
+    environ = os.environ
+    if claim:
+        from hpcrun import ticket
+        rec = ticket.start(claim, argv, None)      # K as the front made it: before anything changes
+        if rec:
+            environ = ticket.watched(os.environ, rec.read)
+            rec.install("host")
+            os.stat(".")                           # the cwd's identity, as launch.launch records it
     try:
-        cli_argv = launch_argv(argv, os.environ, os.getcwd())
+        cli_argv = launch_argv(argv, environ, os.getcwd())
     except Error as e:
         print(e.line(), file=sys.stderr)
+        if rec:
+            rec.discard()
         return e.code
+    finally:
+        if rec:
+            rec.uninstall()
     for name in TASK_VARS:
         os.environ.pop(name, None)
     from hpcrun import cli
-    return cli.main(cli_argv)
+    if claim is None:
+        return cli.main(cli_argv)
+    from hpcrun import launch                      # (cli.main, our caller, reports its errors)
+    return launch.launch(cli.parse(cli_argv, "exec"), rec=rec)

@@ -12,15 +12,19 @@ import time
 from hpcrun import config, environment, errors, image, join, plan as plan_mod
 
 
-def launch(opts, claimed_ticket=None):
+def launch(opts, claimed_ticket=None, rec=None):
+    """rec: a Slurm task's Recorder, recording since the task entry began (cmd_task_entry)."""
     t0 = time.perf_counter()
     timing = []
-    rec = None
     if claimed_ticket:                       # the compiled front sent us: record for it (ticket.py)
         from hpcrun import ticket
         claim, args = claimed_ticket
         rec = ticket.start(claim, args, opts)
+    elif rec and not ticket_allowed(opts):
+        rec.discard()
+        rec = None
     if rec:
+        from hpcrun import ticket
         environ = ticket.watched(os.environ, rec.read)
         rec.install("host")
         os.stat(".")                         # the directory's identity counts, not only its name
@@ -73,6 +77,11 @@ def launch(opts, claimed_ticket=None):
             img.kind, img.path, plan["key"], " (new)" if timing else " (joined)",
             (t1 - t0) * 1e3, (t2 - t1) * 1e3, argv[0], cwd))
     exec_in_place(argv, env)
+
+
+def ticket_allowed(opts):
+    """A launch that prints a plan, notes or tracebacks is never a ticket (the front prints nothing)."""
+    return not (opts.dry_run or opts.verbose or opts.debug)
 
 
 def dry_run(plan, img):

@@ -376,7 +376,7 @@ def start(claim, args, opts):
     claim: cli._front_claim's; its lock is the fd the job's other ranks wait on (front.c,
     first_wave), let go once the ticket is written or known not to come."""
     claimed, rec = claim[0], None
-    if claimed and len(claimed) == 64 and not (opts.dry_run or opts.verbose or opts.debug):
+    if claimed and len(claimed) == 64 and (opts is None or not (opts.dry_run or opts.verbose or opts.debug)):
         try:
             import hpcrun
             here = key(args, os.environb, os.getcwd(), os.getuid(), os.getgid(), os.getgroups(),

@@ -182,6 +182,30 @@ def test_tasks_keep_identity_and_lose_the_handshake(run, job_user, jobdir):
             job_user.pw_uid, rank, rank, jobdir, os.path.join(jobdir, "busybox.img")) in r.stdout
 
 
+def test_a_steps_tasks_are_served_by_the_compiled_front(run, hpcrun_path):
+    """A Slurm task is a rank like an mpirun rank: the step's first task on the node runs the Python
+    path and writes the join ticket; the others wait for it and the compiled front serves them from
+    it (docs/install.md "The compiled front"), with the handshake gone and each its own rank."""
+    from imagetools import is_elf
+    if not is_elf(hpcrun_path):
+        pytest.skip("%s is not the compiled front (install-entry without a compiler)" % hpcrun_path)
+    r = run(["srun", "-N1", "-n4", "-l", "--container=busybox.img", "--export=ALL,HPCRUN_FRONT_DEBUG=1",
+             "sh", "-c", 'echo "rank=$SLURM_PROCID handshake=$(env | grep -c ^HPCRUN_TASK_)"'])
+    assert r.returncode == 0, r.stderr
+    assert sorted(ln.split(":", 1)[1].strip() for ln in r.stdout.splitlines()) == [
+        "rank=%d handshake=0" % i for i in range(4)], r.stdout + r.stderr
+    last = {}                                  # each task's last word from the front
+    for ln in r.stderr.splitlines():
+        task, _, said = ln.partition(": ")
+        if said.startswith("hpcrun: front: "):
+            last[task.strip()] = said
+    python = [t for t, said in last.items() if "python path:" in said]
+    served = [t for t in map(str, range(4)) if t not in python]
+    # Slurm 22.05 sets TMPDIR for a node's first task only (measured): its K differs from the
+    # others', so it is a first rank of its own.  The other three share one K and one Python path.
+    assert 1 <= len(python) <= 2 and len(served) >= 2, r.stderr
+
+
 def test_sbatch_container_wraps_plain_srun(cluster, as_job_user, jobdir):
     info, out = submit(cluster, as_job_user, jobdir, """#!/bin/sh
 #SBATCH -N2 --ntasks-per-node=2

@@ -601,13 +601,12 @@ int main(int argc, char **argv)
     g_debug = getenv("HPCRUN_FRONT_DEBUG") != NULL;
     if (argc < 1)
         python("no argv");
-    /* Never a ticket (cli.py): a Slurm task (the SPANK plugin's task-entry) and the
-       subcommands.  Straight to Python: no K, no first-wave wait for nothing. */
+    /* Never a ticket (cli.py): the subcommands.  Straight to Python: no K, no first-wave
+       wait for nothing.  A Slurm task (the SPANK plugin put us in its argv[0], the rest in
+       HPCRUN_TASK_*) is a rank like any other: its K holds those variables too. */
     static const char *const never[] = {"inspect", "check", "build", "sign", "verify", "version", "task-entry",
                                         "help", "run-help", "broadcast", "install-entry", "-h", "--help",
                                         "--version", NULL};
-    if (getenv("HPCRUN_TASK_ARGV0"))
-        python("a Slurm task");
     for (const char *const *p = never; argc > 1 && *p; p++)
         if (!strcmp(argv[1], *p))
             python("a subcommand");
