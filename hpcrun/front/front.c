@@ -434,6 +434,7 @@ static int private_dir(int dir_fd, const char *name)
         return -1;
     if (fstat(fd, &st) || !S_ISDIR(st.st_mode) || st.st_uid != getuid() || (st.st_mode & 022)) {
         close(fd);
+        errno = EPERM;                  /* not ours: never "missing" */
         return -1;
     }
     return fd;
@@ -445,7 +446,7 @@ static void read_ticket(int run_fd, struct ticket *t)
     struct stat st;
     int dfd = private_dir(run_fd, "tickets");
     if (dfd < 0)
-        python("no private tickets directory");
+        python(errno == ENOENT ? "no ticket (no tickets directory yet)" : "no private tickets directory");
     int fd = openat(dfd, g_key, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
     close(dfd);
     if (fd < 0)
