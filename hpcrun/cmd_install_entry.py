@@ -55,7 +55,8 @@ def _write_atomic(path, data, mode):
 
 def write_bundle(pkg):
     from hpcrun import entry
-    os.makedirs(os.path.join(pkg, "__pycache__"), exist_ok=True)   # first: entry.make takes the directory's mtime
+    for d in ("__pycache__", "libexec"):        # first: entry.make takes the directory's mtime (the daemon's
+        os.makedirs(os.path.join(pkg, d), exist_ok=True)      # libexec/ made after it left every bundle stale)
     path = bundle_path(pkg)
     _write_atomic(path, entry.make(pkg), 0o644)
     return path, len(entry.RANK_MODULES)
