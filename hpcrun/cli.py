@@ -4,7 +4,7 @@ The main form `hpcrun [options] IMAGE COMMAND [ARGS...]` is the hot path (one
 per MPI rank), so this module parses by hand and imports nothing heavy.
 Subcommands live in hpcrun/cmd_<name>.py and are imported only when used.
 """
-import os
+from hpcrun import rankos as os     # os without its import cost (rankos.py)
 import sys
 
 from hpcrun import errors
@@ -132,7 +132,7 @@ def parse(argv, mode):
 
 def main(argv=None):
     claim = _front_claim()
-    if os.environ.get("LC_CTYPE") == "C.UTF-8":
+    if os.getenv("LC_CTYPE") == "C.UTF-8":
         _undo_locale_coercion()
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv[:argv.index("--")] if "--" in argv else "--debug" in argv
@@ -163,7 +163,9 @@ def _front_claim():
     """The compiled front's mark (ticket.py), ours alone, never the program's or the plan's:
     removed first thing.  [K, the lock fd the job's other ranks wait on or None, its
     directory's fd or None] or None."""
-    mark = os.environ.pop("_HPCRUN_TICKET", None)
+    mark = os.getenv("_HPCRUN_TICKET")
+    if mark is not None:
+        os.unsetenv("_HPCRUN_TICKET")
     if not mark:
         return None
     k, _, fd = mark.partition(":")
@@ -199,13 +201,13 @@ def _undo_locale_coercion():
         return
     for e in started:
         if e.startswith(b"LC_CTYPE="):
-            os.environ["LC_CTYPE"] = os.fsdecode(e[9:])
+            os.setenv("LC_CTYPE", e[9:])
             return
-    del os.environ["LC_CTYPE"]
+    os.unsetenv("LC_CTYPE")
 
 
 def _dispatch(argv, claim=None):
-    if os.environ.get("HPCRUN_TASK_ARGV0") is not None and argv[:1] != ["task-entry"]:
+    if os.getenv("HPCRUN_TASK_ARGV0") is not None and argv[:1] != ["task-entry"]:
         from hpcrun import cmd_task_entry      # a Slurm task: a rank, which the front may serve next
         return cmd_task_entry.main(argv, claim)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -264,7 +266,7 @@ def run_singularity(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     for name in ("apptainer", "singularity"):
         # PATH unset: the default path, as execvp has it (not the cwd: "" would be ".")
-        for d in os.environ.get("PATH", os.defpath).split(":"):
+        for d in os.getenv("PATH", os.defpath).split(":"):
             exe = os.path.join(d or ".", name)
             if os.path.isfile(exe) and os.access(exe, os.X_OK):
                 os.execv(exe, [name, "run"] + argv)

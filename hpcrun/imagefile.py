@@ -12,7 +12,7 @@ The fixed line is what the launch path reads: it is split on spaces, so a
 launch never imports json.  The metadata line is a copy of the payload's
 /.hpcrun/image.json for `inspect` and `--dry-run`, which must not mount.
 """
-import os
+from hpcrun import rankos as os     # os without its import cost (rankos.py)
 
 from hpcrun import errors
 

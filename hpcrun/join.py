@@ -16,7 +16,7 @@ Only setns(2) is called here (rankcalls.py, no ctypes); everything else a
 container needs is the keeper's work, once per node.
 """
 import fcntl
-import os
+from hpcrun import rankos as os     # os without its import cost (rankos.py)
 
 from hpcrun import errors, fdio, node
 

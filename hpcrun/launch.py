@@ -5,7 +5,7 @@ process that the MPI launcher or srun started becomes the program: same PID,
 same inherited descriptors (PMI_FD ...), its signals and exit status are the
 program's own.
 """
-import os
+from hpcrun import rankos as os     # os without its import cost (rankos.py)
 import sys
 import time
 
@@ -25,11 +25,11 @@ def launch(opts, claimed_ticket=None, rec=None):
         rec = None
     if rec:
         from hpcrun import ticket
-        environ = ticket.watched(os.environ, rec.read)
+        environ = ticket.watched(os.environ_dict(), rec.read)
         rec.install("host")
         os.stat(".")                         # the directory's identity counts, not only its name
     else:
-        environ = dict(os.environ)           # read once: os.environ decodes on every look
+        environ = os.environ_dict()         # read once: os.environ decodes on every look
     try:
         cfg = config.load(environ)
         img = image.open_image(opts.image)                       # validated, nothing mounted yet

@@ -31,7 +31,7 @@ that (PID and start time both checked) and the next rank starts a new one.
 Imports: errors and fdio here; stage, rootfs, linux (ctypes) and the MPI/GPU
 wiring only inside the keeper, so a rank that joins loads none of them.
 """
-import os
+from hpcrun import rankos as os     # os without its import cost (rankos.py)
 import time
 
 from hpcrun import errors, fdio
@@ -78,13 +78,13 @@ def open_run_dir(path, uid):
 def linger_seconds(cfg):
     """How long a node's container outlives its last process; checked by the
     rank, before any keeper exists, so a bad value is a config error."""
-    raw = os.environ.get("HPCRUN_LINGER") or cfg.get("linger", "10")
+    raw = os.getenv("HPCRUN_LINGER") or cfg.get("linger", "10")
     try:
         value = float(raw)
         if not 0 <= value < 1e9:
             raise ValueError
     except ValueError:
-        where = "HPCRUN_LINGER" if os.environ.get("HPCRUN_LINGER") else "linger in the config"
+        where = "HPCRUN_LINGER" if os.getenv("HPCRUN_LINGER") else "linger in the config"
         raise errors.Error(errors.CONFIG, "linger must be a number of seconds (%s)" % where, raw)
     return value
 

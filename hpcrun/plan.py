@@ -5,7 +5,7 @@ the node's keeper builds the container from it, and every rank computes the
 same `key` from it, which is how ranks of one job step on a node find the one
 container they share.  Nothing here mounts or changes anything.
 """
-import os
+from hpcrun import rankos as os     # os without its import cost (rankos.py)
 import stat
 
 from hpcrun import environment, errors

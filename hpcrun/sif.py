@@ -11,7 +11,7 @@ as a generic JSON object named inspect-metadata.json ({"data": {"attributes":
 Layout from apptainer/sif v2 (pkg/sif): a fixed little-endian header, then
 DescriptorsTotal descriptors of 585 bytes each.
 """
-import os
+from hpcrun import rankos as os     # os without its import cost (rankos.py)
 import struct
 
 from hpcrun import errors

@@ -27,6 +27,13 @@ import sys
 import time
 from _sha256 import sha256
 
+from hpcrun import rankos
+
+# Where the launch's file-system calls are looked up: os, and rankos (the rank's modules' os).
+# Both hold the same posix functions, so the Recorder wraps each name in both.
+WRAPPED_MODULES = (os, rankos)
+WRAPPED = ("stat", "lstat", "readlink", "access", "open", "listdir", "scandir", "chdir")
+
 # What differs between the ranks of one job on a node (measured: mpirun -np 3, srun -n 3).
 # An incomplete list costs speed only (those ranks miss), never correctness.
 PER_RANK = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_NODE_RANK",
@@ -118,7 +125,7 @@ def watched(environ, read, written=None):
 
 
 class Recorder:
-    """Records file-system observations while active (os.stat & co. wrapped).
+    """Records file-system observations while active (os.stat & co. wrapped, in os and rankos).
     Whatever it cannot record (a dir_fd, a write, NSS...) spoils the ticket."""
 
     def __init__(self, claimed):
@@ -240,8 +247,11 @@ class Recorder:
             rec._note("open", file, identity(os.fstat(f.fileno())))
             return f
 
-        os.stat, os.lstat, os.readlink, os.access = stat, lstat, readlink, access
-        os.open, os.listdir, os.scandir, os.chdir = open_, listdir, scandir, chdir
+        wrappers = {"stat": stat, "lstat": lstat, "readlink": readlink, "access": access, "open": open_,
+                    "listdir": listdir, "scandir": scandir, "chdir": chdir}
+        for module in WRAPPED_MODULES:
+            for name in WRAPPED:
+                setattr(module, name, wrappers[name])
         real["stdout"], real["stderr"] = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Talk(sys.stdout, self), _Talk(sys.stderr, self)    # the front would be silent
         builtins.open = io.open = bopen
@@ -252,8 +262,9 @@ class Recorder:
         real = self.saved
         if real is None:
             return
-        os.stat, os.lstat, os.readlink, os.access = real["stat"], real["lstat"], real["readlink"], real["access"]
-        os.open, os.listdir, os.scandir, os.chdir = real["open"], real["listdir"], real["scandir"], real["chdir"]
+        for module in WRAPPED_MODULES:
+            for name in WRAPPED:
+                setattr(module, name, real[name])
         sys.stdout, sys.stderr = real["stdout"], real["stderr"]
         builtins.open = io.open = real["bopen"]
         pwd.getpwuid, pwd.getpwnam = real["getpwuid"], real["getpwnam"]

@@ -95,6 +95,52 @@ def test_joining_rank_touches_the_install_tree_10_times(as_user, test_user, hpcr
     assert [ln for ln in calls if ln.startswith("openat(") and "/lib-dynload/_ctypes." in ln], calls
 
 
+def test_joining_rank_imports_no_os_and_runs_its_modules_preloaded(as_user, hpcrun_bin, busybox_image):
+    """os costs a rank ~1 ms (rankos.py); the launch's modules are run from the bundle without the
+    import system (entry.PRELOAD): -X importtime lists only what went through it."""
+    from hpcrun import entry
+    if os.path.isfile(hpcrun_bin + "-py"):
+        hpcrun_bin += "-py"
+    python = _entry_head(hpcrun_bin)[0][2:].split()[0]
+    env = {"HPCRUN_LINGER": "20"}
+    for _ in range(2):                       # the second joins the first one's container
+        r = as_user([python, "-IS", "-X", "importtime", hpcrun_bin, busybox_image, "true"], env=env, cwd="/")
+        assert r.returncode == 0, r.stderr
+    imported = {ln.split("|")[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+    assert imported and not imported & {"os", "_collections_abc", "posixpath"}, sorted(imported)
+    assert not imported & set(entry.PRELOAD), sorted(imported)
+    assert "hpcrun.rankcalls" in imported          # not preloaded: only what joins needs _ctypes
+
+
+def test_preloaded_modules_are_as_imported(hpcrun_bin):
+    """What entry.Bundle.preload sets up is what the import system would have."""
+    from hpcrun import entry
+    if os.path.isfile(hpcrun_bin + "-py"):
+        hpcrun_bin += "-py"
+    with open(hpcrun_bin) as f:
+        text = f.read()
+    python = text.splitlines()[0][2:].split()[0]
+    show = ("import json\n"
+            "ms = {n: m for n, m in sys.modules.items() if n.startswith('hpcrun')}\n"
+            "print(json.dumps({n: [m.__name__, m.__file__, m.__package__, m.__spec__.name, m.__spec__.origin,"
+            " m.__spec__.loader is m.__loader__ is sys.meta_path[0], getattr(m, '__path__', None),"
+            " n == 'hpcrun' or getattr(ms['hpcrun'], n[7:], None) is m] for n, m in ms.items()}))\n")
+    body = text.split("\n", 1)[1]
+    assert body.count("from hpcrun.cli import main\nsys.exit(main())") == 1
+    code = body.replace("from hpcrun.cli import main\nsys.exit(main())", "'os' in sys.modules and sys.exit(3)\n" + show)
+    r = subprocess.run([python, "-IS", "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    import json
+    got = json.loads(r.stdout)
+    assert sorted(got) == sorted(entry.PRELOAD)
+    pkg = os.path.join(SITE, "hpcrun")
+    for name, (mod_name, file, package, spec_name, origin, loader, path, attr) in got.items():
+        expect = os.path.join(pkg, "__init__.py") if name == "hpcrun" else os.path.join(pkg, name[7:] + ".py")
+        assert (mod_name, spec_name, file, origin, package, loader, attr) == (name, name, expect, expect, "hpcrun",
+                                                                              True, True), name
+        assert path == ([pkg] if name == "hpcrun" else None), name
+
+
 @pytest.fixture
 def copied_install(tmp_path):
     """A copy of the installed package (no __pycache__) with its own bin/: (site, bin, run)."""

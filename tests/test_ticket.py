@@ -186,7 +186,8 @@ NOT_FACTS = {"getuid", "getgid", "getgroups", "getcwd", "getpid", "fstat", "read
              "fsencode", "fsdecode", "fspath", "dup", "dup2", "execve", "execv", "environ", "get_terminal_size",
              "strerror", "devnull", "pipe", "fork", "setsid", "waitpid", "kill", "_exit", "umask", "O_RDONLY",
              "cpu_count", "sep", "defpath", "getppid", "set_inheritable", "WEXITSTATUS", "WIFEXITED",
-             "WIFSIGNALED", "WTERMSIG", "waitstatus_to_exitcode", "isatty"}
+             "WIFSIGNALED", "WTERMSIG", "waitstatus_to_exitcode", "isatty",
+             "getenv", "setenv", "unsetenv", "environ_dict"}       # rankos: the environment is part of K
 PATH_FUNCS = {"join", "abspath", "dirname", "basename", "isdir", "isfile", "exists", "realpath", "normpath",
               "islink", "split", "splitext", "relpath", "commonpath", "isabs", "lexists"}
 # launch-path modules; node/fdio run in the join (live checks), or in the keeper
@@ -216,6 +217,34 @@ def test_recorder_covers_every_file_system_call_of_the_rank_path():
                         and n.value.attr == "path" and n.attr not in PATH_FUNCS):
                     unknown.add("%s: os.path.%s" % (mod, n.attr))
     assert not unknown, "file-system facts ticket.Recorder does not record: %s" % sorted(unknown)
+
+
+def test_recorder_sees_through_rankos_what_it_sees_through_os(tmp_path):
+    """The rank's modules use rankos as os (no os import): the same system calls, wrapped alike,
+    and its path functions observe what os.path's do (same calls, same results, same facts)."""
+    from hpcrun import rankos, ticket
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_text("")
+    os.symlink("d", tmp_path / "link")
+    os.symlink("../loop", tmp_path / "d" / "loop")
+    os.symlink("d/loop", tmp_path / "loop")
+    os.symlink("/nonexistent/x", tmp_path / "dangling")
+    paths = [str(tmp_path / p) for p in ("link/../link/f", "link/f", "loop/x", "dangling", "d/./f/", "nothing")]
+    paths += ["relative/../x", "/", "/etc/localtime"]
+    assert all(getattr(rankos, name) is getattr(os, name) for name in ticket.WRAPPED)
+    seen = {}
+    for module in (os, rankos):
+        rec = ticket.Recorder("0" * 64)
+        rec.install("host")
+        try:
+            out = [(f(p) for f in (module.path.realpath, module.path.isdir, module.path.isfile,
+                                  module.path.exists, module.path.abspath)) for p in paths]
+            out = [list(x) for x in out] + [module.access(paths[1], os.R_OK), sorted(module.listdir(tmp_path))]
+        finally:
+            rec.uninstall()
+        seen[module.__name__] = out, rec.observations, rec.spoiled
+    assert seen["os"] == seen["hpcrun.rankos"] and len(seen["os"][1]) > 30 and seen["os"][2] is None
+    assert all(getattr(rankos, name) is getattr(os, name) for name in ticket.WRAPPED)      # put back
 
 
 def test_old_tickets_are_pruned_by_the_next_writer(via_front, busybox_image, as_user, test_user):

@@ -9,7 +9,7 @@ The launch path calls four functions (docs/mpi.md):
                                     inside the keeper: find image and host MPI, check the ABI, and for
                                     host mode bind the host MPI + fabric stack under /.hpcrun/host
 """
-import os
+from hpcrun import rankos as os     # os without its import cost (rankos.py)
 
 from hpcrun import environment, errors
 

@@ -1,0 +1,206 @@
+"""os for the rank's path, without importing os.
+
+`import os` costs a joining rank ~4.5 M instructions (~1 ms of CPU), 2.7 M of them in
+_collections_abc, which os imports for os.environ.  The rank's modules import this instead,
+as `from hpcrun import rankos as os`, and use it as they would use os:
+  - the system calls are posix's own functions, the very objects os re-exports;
+  - os.path's functions a launch calls, as posixpath has them (same algorithms, same
+    system calls): join, split, dirname, basename, isabs, normpath, abspath, realpath,
+    exists, isfile, isdir;
+  - the environment, read and changed in posix.environ, the bytes dict that os.environ
+    wraps (an os imported later sees every change): getenv, setenv, unsetenv, environ_dict;
+  - anything else (os.environ, makedirs, fdopen, devnull, another os.path function)
+    is os's own: os is imported then, on paths a joining rank does not take.
+ticket.Recorder wraps the file-system calls here as it wraps os's: call them as
+os.stat(...) (this module's attribute), never bound to another name, or a recording
+would miss what they observe.
+"""
+import posix
+import sys
+from posix import *  # noqa: F401,F403  (what os takes from posix)
+
+del environ      # noqa: F821  os.environ is str -> str, posix.environ bytes -> bytes: never mixed up here
+
+sep, curdir, pardir, extsep, pathsep = "/", ".", "..", ".", ":"
+defpath = "/bin:/usr/bin"
+devnull = "/dev/null"
+_ENCODING, _ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+
+
+def __getattr__(name):
+    """The rest of os, from os itself (imported on first use)."""
+    import os
+    return getattr(os, name)
+
+
+def fsencode(name):
+    name = fspath(name)                  # noqa: F405
+    return name.encode(_ENCODING, _ERRORS) if isinstance(name, str) else name
+
+
+def fsdecode(name):
+    name = fspath(name)                  # noqa: F405
+    return name.decode(_ENCODING, _ERRORS) if isinstance(name, bytes) else name
+
+
+# --- the environment (posix.environ: the environment this process started with, as os.environ's data) ---
+
+def getenv(name, default=None):
+    value = posix.environ.get(fsencode(name))
+    return default if value is None else fsdecode(value)
+
+
+def setenv(name, value):
+    key, value = fsencode(name), fsencode(value)
+    putenv(key, value)                   # noqa: F405
+    posix.environ[key] = value
+
+
+def unsetenv(name):
+    key = fsencode(name)
+    posix.unsetenv(key)
+    posix.environ.pop(key, None)
+
+
+def environ_dict():
+    """The environment as os.environ would hand it out, decoded once, as a plain dict."""
+    return {k.decode(_ENCODING, _ERRORS): v.decode(_ENCODING, _ERRORS) for k, v in posix.environ.items()}
+
+
+# --- os.path (posixpath's code for str and bytes, with this module's stat, lstat, readlink, getcwd) ---
+
+class _Path:
+    """os.path's functions for the rank; any other from posixpath itself."""
+
+    def __getattr__(self, name):
+        import posixpath
+        return getattr(posixpath, name)
+
+    @staticmethod
+    def isabs(s):
+        s = fspath(s)                    # noqa: F405
+        return s.startswith("/" if isinstance(s, str) else b"/")
+
+    @staticmethod
+    def join(a, *p):
+        a = fspath(a)                    # noqa: F405
+        sep = "/" if isinstance(a, str) else b"/"
+        path = a
+        for b in map(fspath, p):         # noqa: F405
+            if b.startswith(sep):
+                path = b
+            elif not path or path.endswith(sep):
+                path += b
+            else:
+                path += sep + b
+        return path
+
+    @staticmethod
+    def split(p):
+        p = fspath(p)                    # noqa: F405
+        sep = "/" if isinstance(p, str) else b"/"
+        i = p.rfind(sep) + 1
+        head, tail = p[:i], p[i:]
+        if head and head != sep * len(head):
+            head = head.rstrip(sep)
+        return head, tail
+
+    @staticmethod
+    def dirname(p):
+        return path.split(p)[0]
+
+    @staticmethod
+    def basename(p):
+        p = fspath(p)                    # noqa: F405
+        return p[p.rfind("/" if isinstance(p, str) else b"/") + 1:]
+
+    @staticmethod
+    def normpath(p):
+        p = fspath(p)                    # noqa: F405
+        if not hasattr(posix, "_path_normpath"):                    # before Python 3.11
+            import posixpath
+            return posixpath.normpath(p)
+        if isinstance(p, bytes):
+            return fsencode(posix._path_normpath(fsdecode(p))) or b"."
+        return posix._path_normpath(p) or "."
+
+    @staticmethod
+    def abspath(p):
+        p = fspath(p)                    # noqa: F405
+        if not path.isabs(p):
+            p = path.join(getcwd() if isinstance(p, str) else getcwdb(), p)    # noqa: F405
+        return path.normpath(p)
+
+    @staticmethod
+    def exists(p):
+        try:
+            stat(p)                      # noqa: F405
+        except (OSError, ValueError):
+            return False
+        return True
+
+    @staticmethod
+    def isfile(p):
+        try:
+            return stat(p).st_mode & 0o170000 == 0o100000          # noqa: F405  S_ISREG
+        except (OSError, ValueError):
+            return False
+
+    @staticmethod
+    def isdir(p):
+        try:
+            return stat(p).st_mode & 0o170000 == 0o040000          # noqa: F405  S_ISDIR
+        except (OSError, ValueError):
+            return False
+
+    @staticmethod
+    def realpath(filename):
+        """posixpath.realpath(filename) (strict=False): each component lstat'ed, links read."""
+        filename = fspath(filename)      # noqa: F405
+        p, _ = _joinrealpath(filename[:0], filename, {})
+        return path.abspath(p)
+
+
+def _joinrealpath(p, rest, seen):
+    """posixpath._joinrealpath, not strict."""
+    if isinstance(p, bytes):
+        sep, cur, par = b"/", b".", b".."
+    else:
+        sep, cur, par = "/", ".", ".."
+    if path.isabs(rest):
+        rest = rest[1:]
+        p = sep
+    while rest:
+        name, _, rest = rest.partition(sep)
+        if not name or name == cur:
+            continue
+        if name == par:
+            if p:
+                p, name = path.split(p)
+                if name == par:
+                    p = path.join(p, par, par)
+            else:
+                p = par
+            continue
+        newpath = path.join(p, name)
+        try:
+            is_link = lstat(newpath).st_mode & 0o170000 == 0o120000    # noqa: F405  S_ISLNK
+        except OSError:
+            is_link = False
+        if not is_link:
+            p = newpath
+            continue
+        if newpath in seen:
+            p = seen[newpath]
+            if p is not None:
+                continue
+            return path.join(newpath, rest), False          # a loop: the rest as it is
+        seen[newpath] = None
+        p, ok = _joinrealpath(p, readlink(newpath), seen)   # noqa: F405
+        if not ok:
+            return path.join(p, rest), False
+        seen[newpath] = p
+    return p, True
+
+
+path = _Path()
