@@ -7,7 +7,7 @@ anyway), never another hpcrun module.
 """
 import fcntl
 from hpcrun import rankos as os     # os without its import cost (rankos.py)
-import stat
+import _stat as stat     # stat.py's C half, all of it a rank uses (stat.py: ~0.2 M instructions more)
 
 
 def lock_current(dir_fd, name, mode):

@@ -17,9 +17,14 @@ would miss what they observe.
 """
 import posix
 import sys
-from posix import *  # noqa: F401,F403  (what os takes from posix)
-
-del environ      # noqa: F821  os.environ is str -> str, posix.environ bytes -> bytes: never mixed up here
+# posix's functions the rank's modules call, by name (`from posix import *` costs ~0.2 M instructions);
+# another is os's (__getattr__): no error, only os's import.  Never posix.environ: bytes, not os.environ's str.
+from posix import (F_OK, O_APPEND, O_CLOEXEC, O_CREAT, O_DIRECTORY, O_EXCL, O_NOCTTY, O_NOFOLLOW,  # noqa: F401
+                   O_NONBLOCK, O_RDONLY, O_RDWR, O_TRUNC, O_WRONLY, R_OK, W_OK, X_OK, _exit, access, chdir, chmod,
+                   close, closerange, dup, dup2, execv, execve, fork, fspath, fstat, fsync, getcwd, getcwdb, getgid,
+                   getgroups, getpid, getuid, kill, listdir, lseek, lstat, mkdir, open, pipe, pread, putenv, read,
+                   readlink, rename, rmdir, scandir, set_blocking, set_inheritable, setsid, stat, strerror, sysconf,
+                   umask, unlink, waitpid, write)
 
 sep, curdir, pardir, extsep, pathsep = "/", ".", "..", ".", ":"
 defpath = "/bin:/usr/bin"
@@ -34,12 +39,12 @@ def __getattr__(name):
 
 
 def fsencode(name):
-    name = fspath(name)                  # noqa: F405
+    name = fspath(name)
     return name.encode(_ENCODING, _ERRORS) if isinstance(name, str) else name
 
 
 def fsdecode(name):
-    name = fspath(name)                  # noqa: F405
+    name = fspath(name)
     return name.decode(_ENCODING, _ERRORS) if isinstance(name, bytes) else name
 
 
@@ -52,7 +57,7 @@ def getenv(name, default=None):
 
 def setenv(name, value):
     key, value = fsencode(name), fsencode(value)
-    putenv(key, value)                   # noqa: F405
+    putenv(key, value)
     posix.environ[key] = value
 
 
@@ -78,15 +83,15 @@ class _Path:
 
     @staticmethod
     def isabs(s):
-        s = fspath(s)                    # noqa: F405
+        s = fspath(s)
         return s.startswith("/" if isinstance(s, str) else b"/")
 
     @staticmethod
     def join(a, *p):
-        a = fspath(a)                    # noqa: F405
+        a = fspath(a)
         sep = "/" if isinstance(a, str) else b"/"
         path = a
-        for b in map(fspath, p):         # noqa: F405
+        for b in map(fspath, p):
             if b.startswith(sep):
                 path = b
             elif not path or path.endswith(sep):
@@ -97,7 +102,7 @@ class _Path:
 
     @staticmethod
     def split(p):
-        p = fspath(p)                    # noqa: F405
+        p = fspath(p)
         sep = "/" if isinstance(p, str) else b"/"
         i = p.rfind(sep) + 1
         head, tail = p[:i], p[i:]
@@ -111,12 +116,12 @@ class _Path:
 
     @staticmethod
     def basename(p):
-        p = fspath(p)                    # noqa: F405
+        p = fspath(p)
         return p[p.rfind("/" if isinstance(p, str) else b"/") + 1:]
 
     @staticmethod
     def normpath(p):
-        p = fspath(p)                    # noqa: F405
+        p = fspath(p)
         if not hasattr(posix, "_path_normpath"):                    # before Python 3.11
             import posixpath
             return posixpath.normpath(p)
@@ -126,15 +131,15 @@ class _Path:
 
     @staticmethod
     def abspath(p):
-        p = fspath(p)                    # noqa: F405
+        p = fspath(p)
         if not path.isabs(p):
-            p = path.join(getcwd() if isinstance(p, str) else getcwdb(), p)    # noqa: F405
+            p = path.join(getcwd() if isinstance(p, str) else getcwdb(), p)
         return path.normpath(p)
 
     @staticmethod
     def exists(p):
         try:
-            stat(p)                      # noqa: F405
+            stat(p)
         except (OSError, ValueError):
             return False
         return True
@@ -142,21 +147,21 @@ class _Path:
     @staticmethod
     def isfile(p):
         try:
-            return stat(p).st_mode & 0o170000 == 0o100000          # noqa: F405  S_ISREG
+            return stat(p).st_mode & 0o170000 == 0o100000  # S_ISREG
         except (OSError, ValueError):
             return False
 
     @staticmethod
     def isdir(p):
         try:
-            return stat(p).st_mode & 0o170000 == 0o040000          # noqa: F405  S_ISDIR
+            return stat(p).st_mode & 0o170000 == 0o040000  # S_ISDIR
         except (OSError, ValueError):
             return False
 
     @staticmethod
     def realpath(filename):
         """posixpath.realpath(filename) (strict=False): each component lstat'ed, links read."""
-        filename = fspath(filename)      # noqa: F405
+        filename = fspath(filename)
         p, _ = _joinrealpath(filename[:0], filename, {})
         return path.abspath(p)
 
@@ -184,7 +189,7 @@ def _joinrealpath(p, rest, seen):
             continue
         newpath = path.join(p, name)
         try:
-            is_link = lstat(newpath).st_mode & 0o170000 == 0o120000    # noqa: F405  S_ISLNK
+            is_link = lstat(newpath).st_mode & 0o170000 == 0o120000  # S_ISLNK
         except OSError:
             is_link = False
         if not is_link:
@@ -196,7 +201,7 @@ def _joinrealpath(p, rest, seen):
                 continue
             return path.join(newpath, rest), False          # a loop: the rest as it is
         seen[newpath] = None
-        p, ok = _joinrealpath(p, readlink(newpath), seen)   # noqa: F405
+        p, ok = _joinrealpath(p, readlink(newpath), seen)
         if not ok:
             return path.join(p, rest), False
         seen[newpath] = p
