@@ -208,8 +208,7 @@ def _undo_locale_coercion():
 
 def _dispatch(argv, claim=None):
     if os.getenv("HPCRUN_TASK_ARGV0") is not None and argv[:1] != ["task-entry"]:
-        from hpcrun import cmd_task_entry      # a Slurm task: a rank, which the front may serve next
-        return cmd_task_entry.main(argv, claim)
+        return _sub("task-entry", argv, claim)     # a Slurm task: a rank, which the front may serve next
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else errors.USAGE
@@ -244,7 +243,9 @@ def _stdout_gone():
     return 128 + 13
 
 
-def _sub(name, argv):
+def _sub(name, argv, claim=None):
+    """The subcommand's main(argv), imported by name (no import circle: cmd_task_entry uses cli);
+    claim: the front's, to the Slurm task entry only."""
     import importlib
     if name != "task-entry":           # a Slurm task is a rank: it execs; the rest may run long
         import gc
@@ -255,7 +256,7 @@ def _sub(name, argv):
         if e.name != "hpcrun.cmd_" + name.replace("-", "_"):
             raise
         raise errors.Error(errors.USAGE, "this hpcrun has no '%s' command" % name)
-    return mod.main(argv)
+    return mod.main(argv) if claim is None else mod.main(argv, claim)
 
 
 def run_singularity(argv=None):
