@@ -131,6 +131,8 @@ def parse(argv, mode):
 
 
 def main(argv=None):
+    if sys.stdin is None or sys.stdout is None or sys.stderr is None:
+        _hold_closed_standard_fds()
     claim = _front_claim()
     if os.getenv("LC_CTYPE") == "C.UTF-8":
         _undo_locale_coercion()
@@ -157,6 +159,24 @@ def main(argv=None):
             raise
         sys.stderr.write("hpcrun: error: internal error: %s: %s (rerun with --debug)\n" % (type(e).__name__, e))
         return errors.SOFTWARE
+
+
+def _hold_closed_standard_fds():
+    """A caller closed fd 0, 1 or 2 (`hpcrun IMG prog 2>&-`, a daemon's child); Python then has no
+    sys.stdin, sys.stdout or sys.stderr.  /dev/null holds each such number until the exec
+    (close-on-exec: the program gets it closed, as the caller had it), so that nothing hpcrun opens
+    takes it (the keeper's pipe and run directory would become its standard fds: node.start), and
+    what hpcrun would say there goes nowhere, as the caller chose."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)     # the lowest free number: fd
+            if null != fd:
+                os.dup2(null, fd, inheritable=False)
+                os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))
 
 
 def _front_claim():

@@ -494,20 +494,20 @@ def test_launches_that_write_no_ticket_leave_no_lock_behind(front):
         shutil.rmtree("/tmp/hpcrun-front-elsewhere-%d" % f.uid, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="the Python path fails with a closed standard fd: node.start's keeper "
-                   "(71, its fds take those numbers), exec_in_place's sys.stdout.flush() (70); docs/security.md, "
-                   "Known gaps")
-@pytest.mark.parametrize("closed", ["1", "2"])
-def test_a_rank_with_a_closed_standard_fd_runs_its_program(front, closed):
+@pytest.mark.parametrize("closed,prog", [("0", FRONT), ("1", FRONT), ("2", FRONT), ("1", PY_ENTRY), ("2", PY_ENTRY)])
+def test_a_rank_with_a_closed_standard_fd_runs_its_program(front, closed, prog):
     """`hpcrun IMG prog 2>&-`: the program runs, with that fd closed as the caller had it, and
-    holds no first-wave lock.  A new container (a bind of its own), so the keeper starts here."""
+    holds no first-wave lock.  A new container (a bind of its own), so the keeper starts here
+    (the Python path: cli._hold_closed_standard_fds)."""
     f = front
-    out = os.path.join(f.cwd, "fds-" + closed)
-    args = ["-B", "%s:/mnt/closed-%s" % (f.cwd, closed), f.image, "/bin/sh", "-c",
-            'for x in /proc/$$/fd/*; do readlink $x; done > %s; true' % out]
+    tag = closed + os.path.basename(prog)
+    out = os.path.join(f.cwd, "fds-" + tag)
+    args = ["-B", "%s:/mnt/closed-%s" % (f.cwd, tag), f.image, "/bin/sh", "-c",
+            'exec 3>%s; for n in 0 1 2; do [ -e /proc/$$/fd/$n ] && echo "fd $n" >&3; done; '
+            'for x in /proc/$$/fd/*; do readlink $x; done >&3; true' % out]
     redirect = closed + ">&-"
-    r = subprocess.run(f.cmd(["/bin/sh", "-c", 'exec "$@" ' + redirect, "sh", FRONT] + args,
-                             dict(f.env, JOB="closed-" + closed)), cwd=f.cwd, capture_output=True, timeout=120)
+    r = subprocess.run(f.cmd(["/bin/sh", "-c", 'exec "$@" ' + redirect, "sh", prog] + args,
+                             dict(f.env, JOB="closed-" + tag)), cwd=f.cwd, capture_output=True, timeout=120)
     fds = None
     if os.path.exists(out):
         with open(out) as o:
@@ -515,6 +515,7 @@ def test_a_rank_with_a_closed_standard_fd_runs_its_program(front, closed):
         os.unlink(out)
     assert r.returncode == 0 and fds is not None, (r.returncode, r.stderr)
     assert not [x for x in fds if x.endswith(".lock")], fds
+    assert [x for x in fds if x.startswith("fd ")] == ["fd %s" % n for n in "012" if n != closed], fds
 
 
 def test_the_first_wave_lock_is_never_a_standard_fd(front):
