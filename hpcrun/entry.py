@@ -4,7 +4,7 @@
 console script (pip drops options from a script's first line):
 
   <bin>/hpcrun   `#!<python> -IS` and a few lines (BOOT below): open the bundle, run this
-                 module's code from it, then cli.main()
+                 module's code from it (which runs the launch's modules: PRELOAD), then cli.main()
   <bin>/run-singularity   the same, then cli.run_singularity() (a SIF's #! line)
   hpcrun/__pycache__/hpcrun.<cache tag>.bundle
                  one marshal'd tuple (this module's code, the package directory's mtime,
