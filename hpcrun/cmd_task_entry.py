@@ -21,9 +21,9 @@ command line ``hpcrun [options] IMAGE ARGV0 ARGS...``, drop the HPCRUN_TASK_*
 variables (the program must not see them, and a nested hpcrun must not take
 itself for a task entry), and go down the normal launch path.
 """
-import os
 import sys
 
+from hpcrun import rankos as os      # a task is a rank: no `import os` (rankos.py)
 from hpcrun.errors import Error, NOINPUT, USAGE
 
 TASK_VARS = ("HPCRUN_TASK_ARGV0", "HPCRUN_TASK_IMAGE", "HPCRUN_TASK_IMAGE_FROM", "HPCRUN_TASK_BIND",
@@ -37,7 +37,7 @@ IMAGE_SOURCES = {"HPCRUN_IMAGE": "HPCRUN_IMAGE, set but empty in the task's envi
 
 def is_task_entry(environ=None):
     """True when the SPANK plugin started this hpcrun in place of a task."""
-    return bool((os.environ if environ is None else environ).get("HPCRUN_TASK_ARGV0"))
+    return bool(os.getenv("HPCRUN_TASK_ARGV0") if environ is None else environ.get("HPCRUN_TASK_ARGV0"))
 
 
 def _split(value):
@@ -107,12 +107,12 @@ def main(argv, claim=None):
     """claim: the compiled front's (cli._front_claim): the task is then recorded from here on,
     HPCRUN_TASK_* included, for a join ticket that serves the step's next tasks (ticket.py)."""
     rec = None
-    environ = os.environ
+    environ = os.environ_dict()
     if claim:
         from hpcrun import ticket
         rec = ticket.start(claim, argv, None)      # K as the front made it: before anything changes
         if rec:
-            environ = ticket.watched(os.environ, rec.read)
+            environ = ticket.watched(environ, rec.read)
             rec.install("host")
             os.stat(".")                           # the cwd's identity, as launch.launch records it
     try:
@@ -126,7 +126,7 @@ def main(argv, claim=None):
         if rec:
             rec.uninstall()
     for name in TASK_VARS:
-        os.environ.pop(name, None)
+        os.unsetenv(name)
     from hpcrun import cli
     if claim is None:
         return cli.main(cli_argv)
