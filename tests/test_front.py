@@ -403,6 +403,39 @@ def test_install_entry_builds_the_front_or_not(tmp_path):
         assert install().returncode == 0 and is_elf(bin_dir / "hpcrun")
 
 
+def test_a_slurm_tasks_image_lookup_is_part_of_its_ticket(front, busybox_squashfs):
+    """A Slurm task's relative image is the cwd's, else the submit directory's (cmd_task_entry).
+    The task entry records that lookup too: once a file of that name appears in the cwd, the next
+    task is not served the submit directory's image from the ticket, but runs the cwd's."""
+    f = front
+    submit = os.path.join(f.user.pw_dir, "front-submit")
+    os.makedirs(submit, exist_ok=True)
+    for d in (submit,):
+        os.chown(d, f.uid, f.gid)
+    shutil.copy(f.image, os.path.join(submit, "task.img"))
+    in_cwd = os.path.join(f.cwd, "task.img")
+    task = {"HPCRUN_TASK_ARGV0": "readlink", "HPCRUN_TASK_IMAGE": "task.img", "SLURM_SUBMIT_DIR": submit,
+            "SLURM_JOB_ID": "4242"}
+    args = ["/proc/self/ns/mnt"]
+    try:
+        f.key_of(args, dict(task, SLURM_PROCID="0"))
+        first = f.run(args, env=dict(task, SLURM_PROCID="0"))
+        assert first.returncode == 0 and "python path: no ticket" in first.stderr, first.stderr
+        served = f.run(args, env=dict(task, SLURM_PROCID="1"))
+        assert (served.returncode, served.stdout, served.stderr) == (0, first.stdout, ""), served.stderr
+        shutil.copy(busybox_squashfs, in_cwd)              # another image, now the cwd's
+        os.chown(in_cwd, f.uid, f.gid)
+        r = f.run(args, env=dict(task, SLURM_PROCID="2"))
+        assert r.returncode == 0 and "python path: a host observation changed" in r.stderr, r.stderr
+        assert r.stdout.startswith("mnt:[") and r.stdout != first.stdout     # the cwd's image: another container
+    finally:
+        shutil.rmtree(submit, ignore_errors=True)
+        try:
+            os.unlink(in_cwd)
+        except FileNotFoundError:
+            pass
+
+
 def test_the_python_paths_ticket_serves_the_next_rank(front, tmp_path):
     """End to end: the first rank (no ticket) is the Python path, which writes the ticket; the next
     ranks, another value of a per-rank variable each, are served by the front from it."""
