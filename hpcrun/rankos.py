@@ -146,17 +146,11 @@ class _Path:
 
     @staticmethod
     def isfile(p):
-        try:
-            return stat(p).st_mode & 0o170000 == 0o100000  # S_ISREG
-        except (OSError, ValueError):
-            return False
+        return _is_type(p, 0o100000)                       # S_ISREG
 
     @staticmethod
     def isdir(p):
-        try:
-            return stat(p).st_mode & 0o170000 == 0o040000  # S_ISDIR
-        except (OSError, ValueError):
-            return False
+        return _is_type(p, 0o040000)                       # S_ISDIR
 
     @staticmethod
     def realpath(filename):
@@ -164,6 +158,14 @@ class _Path:
         filename = fspath(filename)
         p, _ = _joinrealpath(filename[:0], filename, {})
         return path.abspath(p)
+
+
+def _is_type(p, file_type):
+    """stat(p) (this module's: the recorder sees it) says file_type; False where it fails."""
+    try:
+        return stat(p).st_mode & 0o170000 == file_type
+    except (OSError, ValueError):
+        return False
 
 
 def _joinrealpath(p, rest, seen):
