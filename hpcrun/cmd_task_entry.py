@@ -112,9 +112,7 @@ def main(argv, claim=None):
         from hpcrun import ticket
         rec = ticket.start(claim, argv, None)      # K as the front made it: before anything changes
         if rec:
-            environ = ticket.watched(environ, rec.read)
-            rec.install("host")
-            os.stat(".")                           # the cwd's identity, as launch.launch records it
+            environ = rec.begin_host(environ)
     try:
         cli_argv = launch_argv(argv, environ, os.getcwd())
     except Error as e:

@@ -16,20 +16,17 @@ def launch(opts, claimed_ticket=None, rec=None):
     """rec: a Slurm task's Recorder, recording since the task entry began (cmd_task_entry)."""
     t0 = time.perf_counter()
     timing = []
-    if claimed_ticket:                       # the compiled front sent us: record for it (ticket.py)
+    if claimed_ticket or rec:
         from hpcrun import ticket
-        claim, args = claimed_ticket
-        rec = ticket.start(claim, args, opts)
-    elif rec and not ticket_allowed(opts):
-        rec.discard()
-        rec = None
+        if claimed_ticket:                   # the compiled front sent us: record for it (ticket.py)
+            claim, args = claimed_ticket
+            rec = ticket.start(claim, args, opts)
+        elif not ticket.allowed(opts):       # a Slurm task's, recording since its entry
+            rec.discard()
+            rec = None
+    environ = os.environ_dict()              # read once: os.environ decodes on every look
     if rec:
-        from hpcrun import ticket
-        environ = ticket.watched(os.environ_dict(), rec.read)
-        rec.install("host")
-        os.stat(".")                         # the directory's identity counts, not only its name
-    else:
-        environ = os.environ_dict()         # read once: os.environ decodes on every look
+        environ = rec.begin_host(environ)
     try:
         cfg = config.load(environ)
         img = image.open_image(opts.image)                       # validated, nothing mounted yet
@@ -77,11 +74,6 @@ def launch(opts, claimed_ticket=None, rec=None):
             img.kind, img.path, plan["key"], " (new)" if timing else " (joined)",
             (t1 - t0) * 1e3, (t2 - t1) * 1e3, argv[0], cwd))
     exec_in_place(argv, env)
-
-
-def ticket_allowed(opts):
-    """A launch that prints a plan, notes or tracebacks is never a ticket (the front prints nothing)."""
-    return not (opts.dry_run or opts.verbose or opts.debug)
 
 
 def dry_run(plan, img):

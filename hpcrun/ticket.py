@@ -273,6 +273,15 @@ class Recorder:
     def watched(self, environ):
         return watched(environ, self.read, self.written)
 
+    def begin_host(self, environ):
+        """Record the host side from here: the file-system calls, first the cwd's identity (its name
+        is K's; noted by the first begin only, though a Slurm task's entry and then its launch both
+        begin here), and the per-rank values read from environ, which is returned watched."""
+        self.install("host")
+        if not self.observations:
+            os.stat(".")
+        return watched(environ, self.read)
+
     def joined(self, key, pid, start, userns, dir_fd, run_dir, uid):
         """join.py, before setns: which keeper, and the run directory to write into."""
         if start is None:                            # gone already: the launch will say so
@@ -382,12 +391,17 @@ def let_go(claim):
             os.close(tickets)
 
 
+def allowed(opts):
+    """A launch that prints (a plan, notes, a traceback) is never a ticket: the front prints nothing."""
+    return not (opts.dry_run or opts.verbose or opts.debug)
+
+
 def start(claim, args, opts):
     """A Recorder when the front started us with a K that this launch matches, else None.
     claim: cli._front_claim's; its lock is the fd the job's other ranks wait on (front.c,
     first_wave), let go once the ticket is written or known not to come."""
     claimed, rec = claim[0], None
-    if claimed and len(claimed) == 64 and (opts is None or not (opts.dry_run or opts.verbose or opts.debug)):
+    if claimed and len(claimed) == 64 and (opts is None or allowed(opts)):
         try:
             import hpcrun
             here = key(args, os.environb, os.getcwd(), os.getuid(), os.getgid(), os.getgroups(),
