@@ -129,7 +129,7 @@ def _fuse(rep):
     from hpcrun import stage
     fuse_ok = os.access("/dev/fuse", os.R_OK | os.W_OK)
     prog = stage.fuse_program()
-    own = prog is not None and os.path.basename(prog) == "hpcrun-squashfuse"
+    own = prog == stage.own_fuse_program()
     offset = False
     if prog and not own:
         try:

@@ -83,15 +83,11 @@ def build_front(cc, pkg, site, bin_dir):
                      "-DSITE=" + c_string(site), "-o", tmp, os.path.join(pkg, "front", "front.c")], tmp)
 
 
-SQUASHFUSE = "hpcrun-squashfuse"
-
-
-def build_squashfuse(cc, pkg):
-    """Compile the FUSE daemon into a temp file in <pkg>/libexec: (its path, None), or (None, why).
-    Its headers come from libsquashfuse-dev and libfuse3-dev; no pkg-config needed."""
-    libexec = os.path.join(pkg, "libexec")
-    os.makedirs(libexec, exist_ok=True)
-    tmp = os.path.join(libexec, "%s.tmp-%d" % (SQUASHFUSE, os.getpid()))
+def build_squashfuse(cc, pkg, daemon):
+    """Compile the FUSE daemon into a temp file beside `daemon` (its place in <pkg>/libexec, which
+    write_bundle made): (its path, None), or (None, why).  Its headers come from libsquashfuse-dev
+    and libfuse3-dev; no pkg-config needed."""
+    tmp = "%s.tmp-%d" % (daemon, os.getpid())
     return _compile([cc, "-O2", "-o", tmp, os.path.join(pkg, "front", "squashfuse.c"),
                      "-lsquashfuse_ll", "-lsquashfuse", "-lfuse3"], tmp)
 
@@ -175,12 +171,13 @@ def main(argv):
     site = os.path.dirname(pkg)
     cc = compiler() if front or squashfuse else None
     built = why = None
-    daemon = os.path.join(pkg, "libexec", SQUASHFUSE)
+    from hpcrun import stage
+    daemon = stage.own_fuse_program(pkg)
     daemon_why = "--no-squashfuse" if not squashfuse else "no C compiler: cc or gcc" if not cc else None
     try:
         path, n = write_bundle(pkg)           # first: where it cannot be written, nothing is
         if squashfuse and cc:
-            daemon_tmp, daemon_why = build_squashfuse(cc, pkg)
+            daemon_tmp, daemon_why = build_squashfuse(cc, pkg, daemon)
             if daemon_tmp:
                 os.rename(daemon_tmp, daemon)
         if daemon_why:
@@ -188,9 +185,7 @@ def main(argv):
                 os.unlink(daemon)                       # a former install's: keepers would still run it
             except FileNotFoundError:
                 pass
-        if not front:
-            cc = None
-        if cc:
+        if cc and front:
             built, why = build_front(cc, pkg, site, bin_dir)
         for name, function in SCRIPTS:
             # with the front, the script is hpcrun-py, written before the front that execs it

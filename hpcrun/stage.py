@@ -361,10 +361,16 @@ def _loop_mount(img, target):
                            % (err.strip().splitlines() or ["?"])[-1], img["path"])
 
 
+def own_fuse_program(package_dir=None):
+    """Where `hpcrun install-entry` puts hpcrun's FUSE daemon (front/squashfuse.c), built or not."""
+    return os.path.join(package_dir or os.path.dirname(os.path.abspath(__file__)), "libexec",
+                        "hpcrun-squashfuse")
+
+
 def fuse_program():
     """The FUSE daemon a keeper mounts with: hpcrun's own where install-entry built it (a rank's
     MPI_Init opens ~100 files; squashfuse_ll makes each a round trip to it), else squashfuse_ll."""
-    own = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libexec", "hpcrun-squashfuse")
+    own = own_fuse_program()
     if os.access(own, os.X_OK):
         return own
     return _which("squashfuse_ll") or _which("squashfuse")
